@@ -1,0 +1,23 @@
+"""otcore: optimal-transport solvers for PyTorch.
+
+Cost first, weights optional (uniform when None), options as keywords; every input may carry a
+leading batch dimension, and outputs keep the input's dtype and device.
+"""
+
+from otcore.geometry import CostMatrix, Geometry, PointCloud
+from otcore.solvers import OTResult, SinkhornProgress, emd, sinkhorn, sinkhorn_divergence
+from otcore.warnings import ConvergenceWarning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvergenceWarning",
+    "CostMatrix",
+    "Geometry",
+    "OTResult",
+    "PointCloud",
+    "SinkhornProgress",
+    "emd",
+    "sinkhorn",
+    "sinkhorn_divergence",
+]

@@ -1,0 +1,77 @@
+"""Input checks shared by every solver: each raises ``ValueError`` naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise if ``t`` holds NaN or infinity."""
+    if not torch.is_tensor(t):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf)")
+
+
+def check_positive(name: str, value: float) -> float:
+    """Raise unless ``value`` is a finite number > 0; returns it as float."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from err
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return v
+
+
+def check_tau(name: str, value: float) -> float:
+    """Raise unless ``0 < value <= 1`` (1 = balanced marginal)."""
+    v = float(value)
+    if not 0.0 < v <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1] (1 = balanced), got {value!r}")
+    return v
+
+
+def mass_rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance for 'equal masses' in dtype: 1e3 machine epsilons (float32: 1.2e-4)."""
+    return 1e3 * torch.finfo(dtype).eps
+
+
+def prepare_weights(
+    name: str, w: torch.Tensor | None, batch: int, n: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Validate weights against a problem of ``batch`` x ``n`` points; return (batch, n).
+
+    None means uniform ``1/n``. Accepts (n,) (shared by the batch) or (batch, n). Weights must be
+    finite, non-negative and of positive mass; zeros are allowed.
+    """
+    if w is None:
+        if n == 0:
+            raise ValueError(f"{name}: the problem has no points")
+        return torch.full((batch, n), 1.0 / n, dtype=dtype, device=device)
+    if not torch.is_tensor(w):
+        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
+    if w.dim() == 1:
+        w = w.unsqueeze(0).expand(batch, -1)
+    if w.dim() != 2 or w.shape[-1] != n or w.shape[0] not in (1, batch):
+        raise ValueError(f"{name} has shape {tuple(w.shape)}, expected ({n},) or ({batch}, {n}) to match the cost")
+    check_finite(name, w)
+    if bool((w < 0).any()):
+        raise ValueError(f"{name} has negative entries (min {float(w.min()):.3g}); weights must be >= 0")
+    if bool((w.sum(-1) <= 0).any()):
+        raise ValueError(f"{name} has zero total mass; at least one weight must be > 0")
+    return w.expand(batch, n).to(device=device, dtype=dtype)
+
+
+def check_equal_mass(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Raise if a balanced problem's marginals have different total masses (dtype-scaled rtol)."""
+    ma, mb = a.sum(-1), b.sum(-1)
+    gap = (ma - mb).abs()
+    if bool((gap > mass_rtol(a.dtype) * torch.maximum(ma, mb)).any()):
+        raise ValueError(
+            f"a and b must have equal total mass in a balanced problem (tau_a = tau_b = 1); "
+            f"got sum(a) = {ma.tolist()} and sum(b) = {mb.tolist()}. Normalise them or use tau < 1."
+        )

@@ -1,0 +1,162 @@
+"""The geometry owns the softmin: solvers ask it for softmins and plan products, never for costs.
+
+A geometry describes a batch of B cost matrices of shape (n, m) without committing to how they
+are stored: ``CostMatrix`` holds them, ``PointCloud`` recomputes them from points. Subclasses
+provide ``cost_rows`` (a differentiable block of rows of C or of C^T), ``transpose`` and
+``fill_scores`` (the fused no-grad fill of the hot path); everything else is written here once.
+
+References:
+    Cuturi, Teboul, Vert (OTT-JAX geometries), arXiv:2201.12324.
+    Feydy et al., "Interpolating between OT and MMD using Sinkhorn divergences", AISTATS 2019.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from otcore.kernels import reference
+
+
+class Geometry(ABC):
+    """A batch of cost matrices C (B, n, m), seen only through reductions over blocks of rows."""
+
+    #: True when the user passed unbatched tensors (results are squeezed back).
+    batched: bool
+
+    # ----------------------------------------------------------------- subclass interface
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, int, int]:
+        """(B, n, m)."""
+
+    @property
+    @abstractmethod
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the costs are computed from (the ones gradients flow to)."""
+
+    @abstractmethod
+    def cost_rows(self, rows: slice, transpose: bool = False) -> torch.Tensor:
+        """Differentiable rows ``rows`` of C, or of C^T when ``transpose``: (B, r, m) or (B, r, n)."""
+
+    @abstractmethod
+    def transpose(self) -> Geometry:
+        """The geometry of C^T (rows and columns swapped)."""
+
+    @abstractmethod
+    def fill_scores(self, rows: slice, buf: torch.Tensor, h: torch.Tensor, inv_eps: float, transpose: bool):
+        """Write ``h_j - C_ij * inv_eps`` for the given outputs into ``buf`` (no grad, in place).
+
+        ``h`` is already divided by eps. Layout and optional returned offset as in
+        ``kernels.reference.softmin_fused``; ``fused_layout`` tells which layout is used.
+        """
+
+    @abstractmethod
+    def with_tensors(self, *tensors: torch.Tensor) -> Geometry:
+        """The same kind of geometry built on other tensors (same order as ``tensors``)."""
+
+    @abstractmethod
+    def broadcast_to(self, batch: int) -> Geometry:
+        """The same geometry expanded (as a view) to ``batch`` problems."""
+
+    @abstractmethod
+    def to_dtype(self, dtype: torch.dtype) -> Geometry:
+        """The same geometry computed in ``dtype``."""
+
+    def fused_layout(self, transpose: bool) -> int:
+        """Reduced dim of the buffers ``fill_scores`` writes (-1: rows of C or C^T; -2: columns)."""
+        return -1
+
+    # ----------------------------------------------------------------- shared machinery
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    def _needs_grad(self, *others: torch.Tensor | None) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(t is not None and t.requires_grad for t in (*self.tensors, *others))
+
+    def _map_rows(self, block_fn: Callable[..., torch.Tensor], transpose: bool, row_args, col_args, grad: bool):
+        """Concatenate ``block_fn(cost_block, *row_args[rows], *col_args)`` over blocks of rows.
+
+        With ``grad`` each block runs under activation checkpointing, so autograd keeps only the
+        inputs and recomputes the (r, L) block in the backward pass: memory stays O(n + m) per call.
+        """
+        B, n, m = self.shape
+        n_rows, row_len = (m, n) if transpose else (n, m)
+        outs = []
+        for rows in reference.row_blocks(n_rows, row_len, B):
+            def run(rows=rows):
+                sliced = [t[:, rows] if t is not None else None for t in row_args]
+                return block_fn(self.cost_rows(rows, transpose), *sliced, *col_args)
+
+            outs.append(checkpoint(run, use_reentrant=False) if grad else run())
+        return torch.cat(outs, dim=1)
+
+    def softmin(self, h: torch.Tensor, eps: float, weights: torch.Tensor | None = None, axis: int = 1) -> torch.Tensor:
+        """``-eps * log sum w exp((h - C)/eps)`` reduced over ``axis`` of C.
+
+        Args:
+            h: (B, m) potential on the columns when ``axis=1`` (output (B, n), the f-update), or
+               (B, n) on the rows when ``axis=0`` (output (B, m), the g-update).
+            eps: entropic regularisation (> 0).
+            weights: non-negative weights on the reduced axis, same shape as ``h`` (None = 1).
+            axis: the axis of C that is reduced.
+
+        Differentiable in ``h``, ``weights`` and the geometry's tensors (blocks are recomputed in
+        the backward pass); without gradients it runs the fused, buffer-reusing kernel.
+        """
+        transpose = axis == 0
+        if self._needs_grad(h, weights):
+            block = functools.partial(reference.block_softmin, eps=eps)
+            return self._map_rows(block, transpose, (), (h, weights), grad=True)
+        with torch.no_grad():
+            scaled = h / eps if weights is None else h / eps + reference.log_weights(weights, h)
+            B, n, m = self.shape
+            n_out, n_red = (m, n) if transpose else (n, m)
+            fill = functools.partial(self.fill_scores, h=scaled, inv_eps=1.0 / eps, transpose=transpose)
+            return reference.softmin_fused(
+                fill, n_out, n_red, B, eps, self.dtype, self.device, self.fused_layout(transpose)
+            )
+
+    def kernel_apply(
+        self, f: torch.Tensor, g: torch.Tensor, eps: float, weights: torch.Tensor | None, v: torch.Tensor,
+        axis: int = 1,
+    ) -> torch.Tensor:
+        """``out_i = sum_j w_j exp((f_i + g_j - C_ij)/eps) v_jk`` (axis=1) or the same on C^T (axis=0).
+
+        Shapes (axis=1): f (B, n), g (B, m), weights (B, m), v (B, m, k) -> (B, n, k). With
+        ``f = f + eps log a`` folded in by the caller this is the plan product ``P v``.
+        """
+        transpose = axis == 0
+        grad = self._needs_grad(f, g, weights, v)
+        block = functools.partial(reference.block_kernel_apply, eps=eps)
+        with torch.set_grad_enabled(grad):
+            return self._map_rows(block, transpose, (f,), (g, weights, v), grad=grad)
+
+    def kernel_cost(self, f: torch.Tensor, g: torch.Tensor, eps: float, weights: torch.Tensor | None) -> torch.Tensor:
+        """``sum_j w_j exp((f_i + g_j - C_ij)/eps) C_ij`` per row: (B, n)."""
+        grad = self._needs_grad(f, g, weights)
+        block = functools.partial(reference.block_kernel_cost, eps=eps)
+        with torch.set_grad_enabled(grad):
+            return self._map_rows(block, False, (f,), (g, weights), grad=grad)
+
+    def materialize(self) -> torch.Tensor:
+        """The full cost matrix (B, n, m), differentiable. Allocates n x m."""
+        return self.cost_rows(slice(0, self.shape[1]))
+
+    def max_cost(self) -> torch.Tensor:
+        """Largest |C_ij| of each problem (B,), computed block by block without gradients."""
+        with torch.no_grad():
+            block = lambda c: c.abs().amax(dim=-1)  # noqa: E731
+            return self._map_rows(block, False, (), (), grad=False).amax(dim=-1)
+

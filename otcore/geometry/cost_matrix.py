@@ -1,0 +1,73 @@
+"""Dense cost matrices."""
+
+from __future__ import annotations
+
+import torch
+
+from otcore._validation import check_finite
+from otcore.geometry.base import Geometry
+
+_BACKENDS = ("auto", "torch")
+
+
+class CostMatrix(Geometry):
+    """A dense cost C of shape (n, m) or (B, n, m).
+
+    Args:
+        C: the costs; must be finite.
+        backend: ``"auto"`` or ``"torch"`` (the Triton kernels plug in here once they land).
+    """
+
+    def __init__(self, C: torch.Tensor, backend: str = "auto"):
+        if not torch.is_tensor(C):
+            raise ValueError(f"C must be a torch.Tensor, got {type(C).__name__}")
+        if C.dim() not in (2, 3):
+            raise ValueError(f"C must have shape (n, m) or (B, n, m), got {tuple(C.shape)}")
+        if C.shape[-1] == 0 or C.shape[-2] == 0:
+            raise ValueError(f"C is empty: shape {tuple(C.shape)}")
+        if not C.is_floating_point():
+            raise ValueError(f"C must be a floating tensor, got {C.dtype}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        check_finite("C", C)
+        self.batched = C.dim() == 3
+        self.C = C if self.batched else C.unsqueeze(0)
+        self.backend = backend
+
+    @property
+    def shape(self):
+        return tuple(self.C.shape)
+
+    @property
+    def tensors(self):
+        return (self.C,)
+
+    def with_tensors(self, C: torch.Tensor) -> CostMatrix:
+        new = object.__new__(CostMatrix)
+        new.C, new.batched, new.backend = C, self.batched, self.backend
+        return new
+
+    def cost_rows(self, rows, transpose=False):
+        return self.C.mT[:, rows] if transpose else self.C[:, rows]
+
+    def transpose(self):
+        return self.with_tensors(self.C.mT)
+
+    def fused_layout(self, transpose):
+        return -2 if transpose else -1
+
+    def fill_scores(self, rows, buf, h, inv_eps, transpose):
+        if transpose:  # columns of C, kept in C's memory order: buf is (B, n, r), reduce over n
+            torch.add(h.unsqueeze(-1), self.C[:, :, rows], alpha=-inv_eps, out=buf)
+        else:
+            torch.add(h.unsqueeze(-2), self.C[:, rows], alpha=-inv_eps, out=buf)
+        return None
+
+    def broadcast_to(self, batch):
+        return self if self.C.shape[0] == batch else self.with_tensors(self.C.expand(batch, -1, -1))
+
+    def to_dtype(self, dtype):
+        return self if self.C.dtype == dtype else self.with_tensors(self.C.to(dtype))
+
+    def materialize(self):
+        return self.C

@@ -1,0 +1,49 @@
+"""Ground costs between point clouds, computed one block of rows at a time.
+
+``"sqeuclidean"`` is |x - y|^2 (no 1/2), ``"euclidean"`` is |x - y|_2 and a number ``p >= 1`` is
+the p-norm |x - y|_p (``"l1"`` = 1). All are translation invariant, which ``PointCloud`` uses to
+centre the clouds before the |x|^2 + |y|^2 - 2 x.y expansion (less cancellation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def parse_cost(cost) -> str | float:
+    """Normalise a cost name: returns "sqeuclidean", "euclidean" or a float p >= 1."""
+    if isinstance(cost, str):
+        name = cost.lower()
+        if name in ("sqeuclidean", "euclidean"):
+            return name
+        if name == "l1":
+            return 1.0
+        raise ValueError(f"cost must be 'sqeuclidean', 'euclidean', 'l1' or a number p >= 1, got {cost!r}")
+    try:
+        p = float(cost)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"cost must be a name or a number p >= 1, got {cost!r}") from err
+    if not p >= 1.0 or p == float("inf"):
+        raise ValueError(f"cost p-norm must satisfy 1 <= p < inf, got {cost!r}")
+    return "euclidean" if p == 2.0 else p
+
+
+def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|x_i - y_j|^2 for x (B, r, d), y (B, L, d) -> (B, r, L), clamped at 0."""
+    sq = x.pow(2).sum(-1).unsqueeze(-1) + y.pow(2).sum(-1).unsqueeze(-2)
+    return torch.baddbmm(sq, x, y.mT, alpha=-2.0).clamp_min(0.0)
+
+
+def pairwise_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> torch.Tensor:
+    """Cost block C_ij = c(x_i, y_j): (B, r, d), (B, L, d) -> (B, r, L)."""
+    if cost == "sqeuclidean":
+        return squared_distances(x, y)
+    if cost == "euclidean":
+        return _safe_sqrt(squared_distances(x, y))
+    return torch.cdist(x, y, p=cost)
+
+
+def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:
+    """sqrt with gradient 0 (not inf) at 0: the subgradient of |x - y| at x = y."""
+    positive = t > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, t, torch.ones_like(t))), torch.zeros_like(t))

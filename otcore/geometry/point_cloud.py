@@ -1,0 +1,96 @@
+"""Point clouds: costs recomputed block by block, never materialising n x m."""
+
+from __future__ import annotations
+
+import torch
+
+from otcore._validation import check_finite
+from otcore.geometry.base import Geometry
+from otcore.geometry.costs import pairwise_cost, parse_cost
+
+_BACKENDS = ("auto", "torch")
+
+
+class PointCloud(Geometry):
+    """Costs ``c(x_i, y_j)`` between x (n, d) / (B, n, d) and y (m, d) / (B, m, d).
+
+    Memory is O((n + m) d + block * m): the softmin and plan products recompute the costs of one
+    block of rows at a time (and again in the backward pass).
+
+    Args:
+        x: source points.
+        y: target points (same d; same batch size, or one of the two unbatched).
+        cost: ``"sqeuclidean"`` (|x - y|^2, no 1/2; default), ``"euclidean"``, ``"l1"`` or a
+            number p >= 1 for the p-norm |x - y|_p.
+        backend: ``"auto"`` or ``"torch"``.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, cost="sqeuclidean", backend: str = "auto"):
+        for name, t in (("x", x), ("y", y)):
+            if not torch.is_tensor(t):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() not in (2, 3):
+                raise ValueError(f"{name} must have shape (n, d) or (B, n, d), got {tuple(t.shape)}")
+            if t.shape[-2] == 0:
+                raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+            check_finite(name, t)
+        if x.shape[-1] != y.shape[-1]:
+            raise ValueError(f"x and y must have the same dimension d, got x: {tuple(x.shape)}, y: {tuple(y.shape)}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self.batched = x.dim() == 3 or y.dim() == 3
+        xb, yb = (x if x.dim() == 3 else x.unsqueeze(0)), (y if y.dim() == 3 else y.unsqueeze(0))
+        if xb.shape[0] != yb.shape[0] and 1 not in (xb.shape[0], yb.shape[0]):
+            raise ValueError(f"x and y have different batch sizes: {xb.shape[0]} and {yb.shape[0]}")
+        batch = max(xb.shape[0], yb.shape[0])
+        xb, yb = xb.expand(batch, -1, -1), yb.expand(batch, -1, -1)
+        dtype = torch.promote_types(xb.dtype, yb.dtype)
+        xb, yb = xb.to(dtype), yb.to(dtype)
+        # Every supported cost is translation invariant: centring cuts the cancellation of the
+        # |x|^2 + |y|^2 - 2 x.y expansion (and changes no cost or gradient).
+        center = torch.cat([xb, yb], dim=1).mean(dim=1, keepdim=True).detach()
+        self.x, self.y = xb - center, yb - center
+        self.cost = parse_cost(cost)
+        self.backend = backend
+
+    @property
+    def shape(self):
+        return (self.x.shape[0], self.x.shape[1], self.y.shape[1])
+
+    @property
+    def tensors(self):
+        return (self.x, self.y)
+
+    def with_tensors(self, x: torch.Tensor, y: torch.Tensor) -> PointCloud:
+        new = object.__new__(PointCloud)
+        new.x, new.y, new.cost, new.batched, new.backend = x, y, self.cost, self.batched, self.backend
+        return new
+
+    def cost_rows(self, rows, transpose=False):
+        if transpose:
+            return pairwise_cost(self.y[:, rows], self.x, self.cost)
+        return pairwise_cost(self.x[:, rows], self.y, self.cost)
+
+    def transpose(self):
+        return self.with_tensors(self.y, self.x)
+
+    def fill_scores(self, rows, buf, h, inv_eps, transpose):
+        src, dst = (self.y, self.x) if transpose else (self.x, self.y)
+        xs = src[:, rows]
+        if self.cost == "sqeuclidean":
+            # h_j - |x_i - y_j|^2/eps = (h_j - |y_j|^2/eps) + 2 x_i.y_j/eps  - |x_i|^2/eps
+            col = h - dst.pow(2).sum(-1) * inv_eps
+            torch.baddbmm(col.unsqueeze(-2), xs, dst.mT, alpha=2.0 * inv_eps, out=buf)
+            return xs.pow(2).sum(-1).mul_(-inv_eps)
+        torch.add(h.unsqueeze(-2), pairwise_cost(xs, dst, self.cost), alpha=-inv_eps, out=buf)
+        return None
+
+    def broadcast_to(self, batch):
+        if self.x.shape[0] == batch:
+            return self
+        return self.with_tensors(self.x.expand(batch, -1, -1), self.y.expand(batch, -1, -1))
+
+    def to_dtype(self, dtype):
+        return self if self.x.dtype == dtype else self.with_tensors(self.x.to(dtype), self.y.to(dtype))

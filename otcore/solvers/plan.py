@@ -1,0 +1,68 @@
+"""Transport plans as linear operators: entropic (through a geometry) or dense.
+
+Both expose the same small interface, used by ``OTResult`` and by the implicit-differentiation
+solve: ``matmul(v, transpose)``, ``marginals()``, ``dense()`` and ``transport_cost()``. Shapes
+are batched: weights (B, n) / (B, m), v (B, m, k) (or (B, n, k) with ``transpose``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from otcore.geometry import CostMatrix, Geometry
+
+
+class EntropicPlan:
+    """``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``, applied block by block through ``geom``."""
+
+    def __init__(self, geom: Geometry, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float):
+        self.geom, self.a, self.b, self.f, self.g, self.eps = geom, a, b, f, g, eps
+
+    def matmul(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``P v`` (v: (B, m, k)) or ``P^T v`` (v: (B, n, k) with ``transpose``)."""
+        if transpose:
+            out = self.geom.kernel_apply(self.g, self.f, self.eps, self.a, v, axis=0)
+            return self.b.unsqueeze(-1) * out
+        out = self.geom.kernel_apply(self.f, self.g, self.eps, self.b, v, axis=1)
+        return self.a.unsqueeze(-1) * out
+
+    def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P 1, P^T 1): (B, n), (B, m)."""
+        ones_m = torch.ones_like(self.b).unsqueeze(-1)
+        ones_n = torch.ones_like(self.a).unsqueeze(-1)
+        return self.matmul(ones_m).squeeze(-1), self.matmul(ones_n, transpose=True).squeeze(-1)
+
+    def dense(self) -> torch.Tensor:
+        """The plan as a (B, n, m) tensor (allocates n x m)."""
+        logits = (self.f.unsqueeze(-1) + self.g.unsqueeze(-2) - self.geom.materialize()) / self.eps
+        return self.a.unsqueeze(-1) * self.b.unsqueeze(-2) * torch.exp(logits)
+
+    def transport_cost(self) -> torch.Tensor:
+        """<P, C> per problem: (B,)."""
+        return (self.a * self.geom.kernel_cost(self.f, self.g, self.eps, self.b)).sum(-1)
+
+    def cheap_to_densify(self) -> bool:
+        """True when a dense copy costs no more memory than the geometry already holds."""
+        return isinstance(self.geom, CostMatrix)
+
+
+class DensePlan:
+    """A plan held as a (B, n, m) tensor, with the cost it is evaluated against."""
+
+    def __init__(self, plan: torch.Tensor, cost: torch.Tensor):
+        self.plan, self.cost = plan, cost
+
+    def matmul(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        return torch.matmul(self.plan.mT if transpose else self.plan, v.to(self.plan.dtype))
+
+    def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.plan.sum(-1), self.plan.sum(-2)
+
+    def dense(self) -> torch.Tensor:
+        return self.plan
+
+    def transport_cost(self) -> torch.Tensor:
+        return (self.plan * self.cost).sum((-2, -1))
+
+    def cheap_to_densify(self) -> bool:
+        return True
