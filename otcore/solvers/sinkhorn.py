@@ -223,19 +223,19 @@ def _iterate(geom, a, b, f, g, eps, rho_a, rho_b, schedule, max_iter, tol, check
             with torch.no_grad():
                 error = torch.where(active, (a * torch.expm1((f - f_new) / e)).abs().sum(-1), error)
                 done = active & (error <= tol)
-                converged |= done
-                active &= ~done
+                converged = converged | done
+                active = active & ~done
         g_new = tb * geom.softmin(f_new, e, a, axis=0)
         with torch.no_grad():
             bad = active & ~(torch.isfinite(f_new).all(-1) & torch.isfinite(g_new).all(-1))
-            failed |= bad
-            active &= ~bad
-            n_iter += active.long()
+            failed = failed | bad
+            active = active & ~bad
+            n_iter = n_iter + active.long()
         keep = active.unsqueeze(-1)
         f, g = torch.where(keep, f_new, f), torch.where(keep, g_new, g)
         if it % check_every == 0 or it == max_iter:
             if callback is not None:
-                callback(SinkhornProgress(it, error, active.clone(), e))
+                callback(SinkhornProgress(it, error, active, e))
             if not bool(active.any()):
                 break
     return f, g, n_iter, converged, failed, error
