@@ -11,10 +11,11 @@ Two implementations live here:
 * ``weighted_lse`` / ``block_*`` functions: plain differentiable torch on one block, used inside
   ``torch.utils.checkpoint`` by the geometry whenever gradients are needed. They never take the
   log of a weight, so zero weights give exact zeros and no NaN in the gradients.
-* ``softmin_fused``: the no-grad hot path of the solvers. It writes each block into one reused
-  buffer (fresh n x m temporaries cost page faults on every iteration) and clamps the shifted
-  exponent at ``-EXP_FLOOR`` (float32 ``exp`` of arguments below about -87 produces denormals and
-  runs an order of magnitude slower; the clamped terms are below 1e-35 of the row's largest term).
+* ``blocked_map`` with ``lse_`` / ``exp_matmul_``: the no-grad hot path of the solvers. Each
+  block is written into reused ``Buffers`` (fresh n x m temporaries cost page faults on every
+  iteration) and reduced in place; the max-shifted exponent is clamped at ``-EXP_FLOOR`` (float32
+  ``exp`` of arguments below about -87 produces denormals and runs an order of magnitude slower;
+  the clamped terms are below 1e-35 of the row's largest term).
 """
 
 from __future__ import annotations
@@ -94,41 +95,43 @@ def block_kernel_cost(
     return (torch.exp(s) * ww.unsqueeze(-2) * cost).sum(-1)
 
 
-FillBlock = Callable[[slice, torch.Tensor], torch.Tensor | None]
+class Buffers:
+    """Reusable scratch storage for block computations (fresh n x m temporaries page-fault)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self._store: list[torch.Tensor] = []
+
+    def get(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        while len(self._store) <= index:
+            self._store.append(torch.empty(0, dtype=self.dtype, device=self.device))
+        if self._store[index].numel() < numel:
+            self._store[index] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self._store[index][:numel].view(shape)
 
 
-def softmin_fused(
-    fill: FillBlock,
-    n_out: int,
-    n_red: int,
-    batch: int,
-    eps: float,
-    dtype: torch.dtype,
-    device: torch.device,
-    reduce_dim: int = -1,
+def blocked_map(
+    block_fn: Callable[[slice, Buffers], torch.Tensor], n_out: int, n_red: int, batch: int,
+    dtype: torch.dtype, device: torch.device,
 ) -> torch.Tensor:
-    """No-grad blocked softmin over reused buffers.
+    """Concatenate ``block_fn(rows, buffers)`` (B, r, ...) over row blocks (no grad)."""
+    buffers = Buffers(dtype, device)
+    return torch.cat([block_fn(sl, buffers) for sl in row_blocks(n_out, n_red, batch)], dim=1)
 
-    ``fill(sl, buf)`` writes the scores ``s_ij = (h'_j - C_ij)/eps`` (``h' = h + eps log w``) of the
-    outputs ``sl`` into ``buf``, shaped (B, len(sl), n_red) when ``reduce_dim == -1`` and
-    (B, n_red, len(sl)) when ``reduce_dim == -2``; it may return a per-output offset (B, len(sl))
-    that is added to the log-sum-exp (a row term taken out of the block). Returns (B, n_out).
-    """
-    out = torch.empty(batch, n_out, dtype=dtype, device=device)
-    buffer = None
-    for sl in row_blocks(n_out, n_red, batch):
-        width = sl.stop - sl.start
-        shape = (batch, width, n_red) if reduce_dim == -1 else (batch, n_red, width)
-        numel = batch * width * n_red
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=dtype, device=device)
-        buf = buffer[:numel].view(shape)
-        offset = fill(sl, buf)
-        top = buf.amax(dim=reduce_dim, keepdim=True)
-        top = torch.nan_to_num(top, neginf=0.0)
-        buf.sub_(top).clamp_min_(-EXP_FLOOR).exp_()
-        lse = buf.sum(dim=reduce_dim).log_().add_(top.squeeze(reduce_dim))
-        if offset is not None:
-            lse.add_(offset)
-        out[:, sl] = lse
-    return out.mul_(-eps)
+
+def lse_(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """log-sum-exp of ``scores`` along ``dim``, destroying ``scores`` (shifted, clamped, exp'd)."""
+    top = torch.nan_to_num(scores.amax(dim=dim, keepdim=True), neginf=0.0)
+    scores.sub_(top).clamp_min_(-EXP_FLOOR).exp_()
+    return scores.sum(dim=dim).log_().add_(top.squeeze(dim))
+
+
+def exp_matmul_(scores: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+    """``sum_j exp(s_ij) v_jk`` along ``dim`` (-1: s is (B, r, L); -2: (B, L, r)), destroying s."""
+    top = torch.nan_to_num(scores.amax(dim=dim, keepdim=True), neginf=0.0)
+    e = scores.sub_(top).clamp_min_(-EXP_FLOOR).exp_()
+    e = e if dim == -1 else e.mT
+    return torch.matmul(e, v.to(e.dtype)) * torch.exp(top.squeeze(dim)).unsqueeze(-1)

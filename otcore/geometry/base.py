@@ -102,6 +102,20 @@ class Geometry(ABC):
             outs.append(checkpoint(run, use_reentrant=False) if grad else run())
         return torch.cat(outs, dim=1)
 
+    def _fused(self, block_fn, transpose: bool) -> torch.Tensor:
+        B, n, m = self.shape
+        n_out, n_red = (m, n) if transpose else (n, m)
+        return reference.blocked_map(block_fn, n_out, n_red, B, self.dtype, self.device)
+
+    def _scores(self, rows: slice, buffers, h: torch.Tensor, inv_eps: float, transpose: bool, index: int = 0):
+        """Fill a reused buffer with ``h_j - C_ij * inv_eps`` for ``rows``; returns (buf, row offset)."""
+        B, n, m = self.shape
+        width, length = rows.stop - rows.start, (n if transpose else m)
+        dim = self.fused_layout(transpose)
+        buf = buffers.get(index, (B, width, length) if dim == -1 else (B, length, width))
+        offset = self.fill_scores(rows, buf, h, inv_eps, transpose)
+        return buf, dim, offset
+
     def softmin(self, h: torch.Tensor, eps: float, weights: torch.Tensor | None = None, axis: int = 1) -> torch.Tensor:
         """``-eps * log sum w exp((h - C)/eps)`` reduced over ``axis`` of C.
 
@@ -120,13 +134,14 @@ class Geometry(ABC):
             block = functools.partial(reference.block_softmin, eps=eps)
             return self._map_rows(block, transpose, (), (h, weights), grad=True)
         with torch.no_grad():
-            scaled = h / eps if weights is None else h / eps + reference.log_weights(weights, h)
-            B, n, m = self.shape
-            n_out, n_red = (m, n) if transpose else (n, m)
-            fill = functools.partial(self.fill_scores, h=scaled, inv_eps=1.0 / eps, transpose=transpose)
-            return reference.softmin_fused(
-                fill, n_out, n_red, B, eps, self.dtype, self.device, self.fused_layout(transpose)
-            )
+            scaled = h / eps + reference.log_weights(weights, h)
+
+            def block_fn(rows, buffers):
+                buf, dim, offset = self._scores(rows, buffers, scaled, 1.0 / eps, transpose)
+                lse = reference.lse_(buf, dim)
+                return (lse if offset is None else lse.add_(offset)).mul_(-eps)
+
+            return self._fused(block_fn, transpose)
 
     def kernel_apply(
         self, f: torch.Tensor, g: torch.Tensor, eps: float, weights: torch.Tensor | None, v: torch.Tensor,
@@ -138,17 +153,38 @@ class Geometry(ABC):
         ``f = f + eps log a`` folded in by the caller this is the plan product ``P v``.
         """
         transpose = axis == 0
-        grad = self._needs_grad(f, g, weights, v)
-        block = functools.partial(reference.block_kernel_apply, eps=eps)
-        with torch.set_grad_enabled(grad):
-            return self._map_rows(block, transpose, (f,), (g, weights, v), grad=grad)
+        if self._needs_grad(f, g, weights, v):
+            block = functools.partial(reference.block_kernel_apply, eps=eps)
+            return self._map_rows(block, transpose, (f,), (g, weights, v), grad=True)
+        with torch.no_grad():
+            scaled = g / eps + reference.log_weights(weights, g)
+
+            def block_fn(rows, buffers):
+                buf, dim, offset = self._scores(rows, buffers, scaled, 1.0 / eps, transpose)
+                row = f[:, rows] / eps if offset is None else offset + f[:, rows] / eps
+                return reference.exp_matmul_(buf, v, dim) * torch.exp(row).unsqueeze(-1)
+
+            return self._fused(block_fn, transpose)
 
     def kernel_cost(self, f: torch.Tensor, g: torch.Tensor, eps: float, weights: torch.Tensor | None) -> torch.Tensor:
         """``sum_j w_j exp((f_i + g_j - C_ij)/eps) C_ij`` per row: (B, n)."""
-        grad = self._needs_grad(f, g, weights)
-        block = functools.partial(reference.block_kernel_cost, eps=eps)
-        with torch.set_grad_enabled(grad):
-            return self._map_rows(block, False, (f,), (g, weights), grad=grad)
+        if self._needs_grad(f, g, weights):
+            block = functools.partial(reference.block_kernel_cost, eps=eps)
+            return self._map_rows(block, False, (f,), (g, weights), grad=True)
+        with torch.no_grad():
+            zeros = torch.zeros_like(g)
+            w = torch.ones_like(g) if weights is None else weights
+
+            def block_fn(rows, buffers):
+                # scores with h = 0 and inv_eps = -1 are the costs themselves (up to a row term)
+                cost, _, offset = self._scores(rows, buffers, zeros, -1.0, False, index=1)
+                if offset is not None:
+                    cost.add_(offset.unsqueeze(-1))
+                kernel = torch.sub(g.unsqueeze(-2), cost, out=buffers.get(0, cost.shape))
+                kernel.add_(f[:, rows].unsqueeze(-1)).div_(eps).exp_().mul_(w.unsqueeze(-2))
+                return kernel.mul_(cost).sum(-1)
+
+            return self._fused(block_fn, False)
 
     def materialize(self) -> torch.Tensor:
         """The full cost matrix (B, n, m), differentiable. Allocates n x m."""

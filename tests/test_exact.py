@@ -1,0 +1,53 @@
+"""Exact OT against POT's ot.emd2 and scipy's assignment solver."""
+
+import numpy as np
+import ot
+import torch
+from scipy.optimize import linear_sum_assignment
+
+import otcore
+from conftest import F64, clouds, simplex, sqdist
+
+
+def test_emd_matches_pot(gen):
+    x, y = clouds(30, 25, 3, gen)
+    C = sqdist(x, y)
+    a, b = simplex(30, gen), simplex(25, gen)
+    res = otcore.emd(C, a, b)
+    expected = ot.emd2(a.numpy(), b.numpy(), C.numpy())
+    assert abs(float(res.value) - expected) <= 1e-12
+    torch.testing.assert_close(res.transport_cost, res.value)
+    assert float(res.marginal_error) <= 1e-12
+    # dual feasibility and complementary slackness of the returned potentials
+    assert float((res.f[:, None] + res.g[None] - C).max()) <= 1e-10
+    assert abs(float((res.f * a).sum() + (res.g * b).sum()) - expected) <= 1e-10
+
+
+def test_emd_is_the_assignment_for_uniform_equal_sizes(gen):
+    C = torch.rand(3, 12, 12, generator=gen, dtype=F64)
+    res = otcore.emd(C)
+    for k in range(3):
+        rows, cols = linear_sum_assignment(C[k].numpy())
+        assert abs(float(res.value[k]) - C[k].numpy()[rows, cols].mean()) <= 1e-12
+        assert bool((res.plan[k][rows, cols] > 0).all())
+
+
+def test_emd_value_gradients(gen):
+    x, y = clouds(10, 10, 2, gen)
+    xr = x.clone().requires_grad_()
+    res = otcore.emd(otcore.PointCloud(xr, y))
+    (gx,) = torch.autograd.grad(res.value, xr)
+    P = res.plan.detach()
+    # d/dx_i sum_ij P_ij |x_i - y_j|^2 = 2 (x_i sum_j P_ij - sum_j P_ij y_j)
+    expected = 2 * (x * P.sum(1, keepdim=True) - P @ y)
+    torch.testing.assert_close(gx, expected, rtol=1e-10, atol=1e-12)
+    C = sqdist(x, y).requires_grad_()
+    (gC,) = torch.autograd.grad(otcore.emd(C).value, C)
+    torch.testing.assert_close(gC, otcore.emd(C).plan.detach())
+
+
+def test_emd_float32_in_float32_out(gen):
+    C = torch.rand(6, 6, generator=gen).float()
+    res = otcore.emd(C)
+    assert res.plan.dtype == torch.float32 and res.value.dtype == torch.float32
+    assert abs(float(res.value) - ot.emd2(np.full(6, 1 / 6), np.full(6, 1 / 6), C.double().numpy())) < 1e-6
