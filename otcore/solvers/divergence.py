@@ -37,6 +37,7 @@ def sinkhorn_divergence(
     Reference: Feydy, Sejourne, Vialard, Amari, Trouve, Peyre, "Interpolating between optimal
     transport and MMD using Sinkhorn divergences", AISTATS 2019.
     """
+    cross = PointCloud(x, y, cost=cost, backend=backend)  # validates x and y under their own names
     unroll = solver_options.get("grad", "implicit") == "unroll"
     max_iter = int(solver_options.get("max_iter", 2000))
     warn = solver_options.get("warn", True)
@@ -55,11 +56,11 @@ def sinkhorn_divergence(
     ot_yy, _ = self_term(y, b)
     identical = not unroll and x.shape == y.shape and torch.equal(x, y) and _same_weights(a, b)
     if identical:  # the cross problem is the self problem: reuse its potential, S = 0 exactly
-        problem = prepare_problem(PointCloud(x, y, cost=cost, backend=backend), a, b, balanced=True)
+        problem = prepare_problem(cross, a, b, balanced=True)
         ot_xy = dual_value(problem.geom, problem.a, problem.b, f_x, f_x, eps, INF, INF)
         ot_xy = (ot_xy if problem.batched else ot_xy.squeeze(0)).to(problem.out_dtype)
     else:
-        ot_xy = sinkhorn(PointCloud(x, y, cost=cost, backend=backend), a, b, eps=eps, **solver_options).value
+        ot_xy = sinkhorn(cross, a, b, eps=eps, **solver_options).value
     return ot_xy - 0.5 * ot_xx - 0.5 * ot_yy
 
 
