@@ -135,3 +135,24 @@ def exp_matmul_(scores: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor
     e = scores.sub_(top).clamp_min_(-EXP_FLOOR).exp_()
     e = e if dim == -1 else e.mT
     return torch.matmul(e, v.to(e.dtype)) * torch.exp(top.squeeze(dim)).unsqueeze(-1)
+
+
+def column_lse(C: torch.Tensor, h: torch.Tensor, inv_eps: float, buffers: Buffers) -> torch.Tensor:
+    """``log sum_i exp(h_i - C_ij * inv_eps)`` for every column j of a dense C (B, n, m) -> (B, m).
+
+    Streams over contiguous blocks of rows with a running (max, sum) per column, so the reduction
+    runs along C's memory order (a strided column reduction is several times slower).
+    """
+    B, n, m = C.shape
+    top = torch.full((B, 1, m), float("-inf"), dtype=buffers.dtype, device=buffers.device)
+    total = torch.zeros(B, 1, m, dtype=buffers.dtype, device=buffers.device)
+    for rows in row_blocks(n, m, B):
+        buf = buffers.get(0, (B, rows.stop - rows.start, m))
+        torch.add(h[:, rows].unsqueeze(-1), C[:, rows], alpha=-inv_eps, out=buf)
+        new_top = torch.maximum(top, buf.amax(dim=1, keepdim=True))
+        safe = torch.nan_to_num(new_top, neginf=0.0)
+        total.mul_(torch.exp(top - safe).nan_to_num_(nan=0.0))
+        buf.sub_(safe).clamp_min_(-EXP_FLOOR).exp_()
+        total.add_(buf.sum(dim=1, keepdim=True))
+        top = new_top
+    return total.log_().add_(torch.nan_to_num(top, neginf=0.0)).squeeze(1)

@@ -136,12 +136,17 @@ class Geometry(ABC):
         with torch.no_grad():
             scaled = h / eps + reference.log_weights(weights, h)
 
-            def block_fn(rows, buffers):
-                buf, dim, offset = self._scores(rows, buffers, scaled, 1.0 / eps, transpose)
-                lse = reference.lse_(buf, dim)
-                return (lse if offset is None else lse.add_(offset)).mul_(-eps)
+            return self._softmin_nograd(scaled, eps, transpose)
 
-            return self._fused(block_fn, transpose)
+    def _softmin_nograd(self, scaled: torch.Tensor, eps: float, transpose: bool) -> torch.Tensor:
+        """Fused no-grad softmin of already scaled potentials (h / eps + log w)."""
+
+        def block_fn(rows, buffers):
+            buf, dim, offset = self._scores(rows, buffers, scaled, 1.0 / eps, transpose)
+            lse = reference.lse_(buf, dim)
+            return (lse if offset is None else lse.add_(offset)).mul_(-eps)
+
+        return self._fused(block_fn, transpose)
 
     def kernel_apply(
         self, f: torch.Tensor, g: torch.Tensor, eps: float, weights: torch.Tensor | None, v: torch.Tensor,

@@ -6,6 +6,7 @@ import torch
 
 from otcore._validation import check_finite
 from otcore.geometry.base import Geometry
+from otcore.kernels import reference
 
 _BACKENDS = ("auto", "torch")
 
@@ -62,6 +63,12 @@ class CostMatrix(Geometry):
         else:
             torch.add(h.unsqueeze(-2), self.C[:, rows], alpha=-inv_eps, out=buf)
         return None
+
+    def _softmin_nograd(self, scaled, eps, transpose):
+        if not transpose:
+            return super()._softmin_nograd(scaled, eps, transpose)
+        buffers = reference.Buffers(self.dtype, self.device)
+        return reference.column_lse(self.C, scaled, 1.0 / eps, buffers).mul_(-eps)
 
     def broadcast_to(self, batch):
         return self if self.C.shape[0] == batch else self.with_tensors(self.C.expand(batch, -1, -1))
