@@ -16,13 +16,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import ot  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import ot
+import torch
 
-import otcore  # noqa: E402
-
+import otcore
 
 N_POINTS = 800
 
@@ -42,7 +41,7 @@ def clouds(n: int, gen: torch.Generator):
 
 def histograms(bins: int):
     grid = torch.linspace(0, 1, bins, dtype=torch.float64)
-    bump = lambda mu, s: torch.exp(-0.5 * ((grid - mu) / s) ** 2)  # noqa: E731
+    bump = lambda mu, s: torch.exp(-0.5 * ((grid - mu) / s) ** 2)
     a = bump(0.25, 0.05) + 0.5 * bump(0.6, 0.08)
     b = bump(0.7, 0.06) + 0.3 * bump(0.3, 0.04)
     return grid, a / a.sum(), b / b.sum()

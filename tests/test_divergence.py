@@ -2,9 +2,9 @@
 
 import ot
 import torch
+from conftest import F64, clouds, simplex, sqdist
 
 import otcore
-from conftest import F64, clouds, simplex, sqdist
 
 
 def test_zero_on_identical_clouds(gen):

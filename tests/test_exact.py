@@ -3,10 +3,10 @@
 import numpy as np
 import ot
 import torch
+from conftest import F64, clouds, simplex, sqdist
 from scipy.optimize import linear_sum_assignment
 
 import otcore
-from conftest import F64, clouds, simplex, sqdist
 
 
 def test_emd_matches_pot(gen):

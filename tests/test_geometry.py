@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import F64, clouds, simplex, sqdist
-from otcore import CostMatrix, PointCloud
 from otcore.kernels import reference
+
+from otcore import CostMatrix, PointCloud
 
 
 def dense_softmin(C, h, w, eps, axis):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import F64, clouds, simplex
 
 import otcore
-from conftest import F64, clouds, simplex
 
 MODES = ["implicit", "unroll", "envelope"]
 SOLVE = dict(eps=1.0, tol=1e-13, max_iter=5000)

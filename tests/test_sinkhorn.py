@@ -4,9 +4,9 @@ import numpy as np
 import ot
 import pytest
 import torch
+from conftest import F64, clouds, simplex, sqdist, xlogy_kl
 
 import otcore
-from conftest import F64, clouds, simplex, sqdist, xlogy_kl
 
 
 def pot_plan(a, b, C, eps):

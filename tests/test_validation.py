@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import F64
 
 import otcore
-from conftest import F64
 
 C = torch.rand(4, 3, dtype=F64)
 U4, U3 = torch.full((4,), 0.25, dtype=F64), torch.full((3,), 1 / 3, dtype=F64)

@@ -198,6 +198,8 @@ class Geometry(ABC):
     def max_cost(self) -> torch.Tensor:
         """Largest |C_ij| of each problem (B,), computed block by block without gradients."""
         with torch.no_grad():
-            block = lambda c: c.abs().amax(dim=-1)  # noqa: E731
-            return self._map_rows(block, False, (), (), grad=False).amax(dim=-1)
+            return self._map_rows(_abs_row_max, False, (), (), grad=False).amax(dim=-1)
 
+
+def _abs_row_max(cost: torch.Tensor) -> torch.Tensor:
+    return cost.abs().amax(dim=-1)

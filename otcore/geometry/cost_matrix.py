@@ -62,7 +62,6 @@ class CostMatrix(Geometry):
             torch.add(h.unsqueeze(-1), self.C[:, :, rows], alpha=-inv_eps, out=buf)
         else:
             torch.add(h.unsqueeze(-2), self.C[:, rows], alpha=-inv_eps, out=buf)
-        return None
 
     def _softmin_nograd(self, scaled, eps, transpose):
         if not transpose:

@@ -181,9 +181,8 @@ def sinkhorn(
 
 
 def _initial_potentials(init, B, n, m, geom):
-    zeros = lambda k: torch.zeros(B, k, dtype=geom.dtype, device=geom.device)  # noqa: E731
     if init is None:
-        return zeros(n), zeros(m)
+        return tuple(torch.zeros(B, k, dtype=geom.dtype, device=geom.device) for k in (n, m))
     f0, g0 = init
     for name, t, k in (("init[0]", f0, n), ("init[1]", g0, m)):
         if not torch.is_tensor(t) or t.shape[-1] != k or t.dim() not in (1, 2):
