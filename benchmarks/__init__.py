@@ -1,0 +1,5 @@
+"""asv benchmarks: otcore side by side with its peers (see ``peers.py``).
+
+Every benchmark class takes the implementation as its first asv parameter, so one run times
+otcore and the peers on the same problem; ``python -m benchmarks.report`` prints the ratios.
+"""

@@ -1,0 +1,50 @@
+"""Problem generators shared by the benchmarks (deterministic, float64 then cast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def clouds(n: int, d: int = 2, seed: int = 0, m: int | None = None):
+    """Two Gaussian clouds, the second shifted and shrunk: x (n, d), y (m, d) float64."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = torch.randn(m or n, d, generator=gen, dtype=torch.float64) * 0.7 + 1.0
+    return x, y
+
+
+def weighted_histograms(n: int, seed: int = 0):
+    """Random positive weights on the simplex (float64), a pair of lengths n."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand(n, generator=gen, dtype=torch.float64) + 0.1
+    b = torch.rand(n, generator=gen, dtype=torch.float64) + 0.1
+    return a / a.sum(), b / b.sum()
+
+
+def digits_histograms(i: int = 0, j: int = 1, p: float = 2.0):
+    """Two 8x8 digit images of scikit-learn as histograms with the l_p^p ground cost between pixels.
+
+    Falls back to NotImplementedError (asv skip) when scikit-learn is not installed.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise NotImplementedError("scikit-learn is not installed") from err
+    images = load_digits().images.reshape(-1, 64).astype(np.float64) + 1e-3
+    a, b = images[i] / images[i].sum(), images[j] / images[j].sum()
+    grid = np.stack(np.meshgrid(np.arange(8), np.arange(8), indexing="ij"), -1).reshape(-1, 2).astype(np.float64)
+    C = (np.abs(grid[:, None] - grid[None]) ** p).sum(-1)
+    return torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(C)
+
+
+def device_or_skip(name: str) -> torch.device:
+    """The torch device, or NotImplementedError (an asv skip) if it is not available here."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NotImplementedError("no CUDA device")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
