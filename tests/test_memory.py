@@ -6,7 +6,7 @@ import textwrap
 
 
 def test_point_cloud_sinkhorn_stays_in_linear_memory():
-    n = 30_000  # n x n float32 would be 3.6 GB; the blocked path needs a few MB
+    n = 20_000  # n x n float32 would be 1.6 GB; the blocked path needs a few MB
     code = textwrap.dedent(f"""
         import resource, torch, otcore
         torch.manual_seed(0)
@@ -20,4 +20,4 @@ def test_point_cloud_sinkhorn_stays_in_linear_memory():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     grown = int(out.stdout.strip().splitlines()[-1])
-    assert grown < 400e6, f"peak memory grew by {grown / 1e6:.0f} MB"
+    assert grown < 300e6, f"peak memory grew by {grown / 1e6:.0f} MB"
