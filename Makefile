@@ -9,7 +9,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $@
 
-.PHONY: demo test test-all perf
+$(VENV)/.asv: $(VENV)/.installed
+	$(PY) -m pip install -q asv
+	$(VENV)/bin/asv machine --yes >/dev/null
+	touch $@
+
+$(VENV)/.peers: $(VENV)/.asv
+	$(PY) -m pip install -q geomloss regot scikit-learn
+	touch $@
+
+.PHONY: demo test test-all bench bench-check
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
@@ -19,5 +28,12 @@ test: $(VENV)/.installed
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m "slow or not slow"
 
-perf: $(VENV)/.installed
-	$(PY) benchmarks/cpu_sinkhorn.py
+# asv against the installed project (otcore and its peers side by side), then the ratio table.
+bench: $(VENV)/.peers
+	$(VENV)/bin/asv run --python=same --quick --show-stderr
+	$(PY) -m benchmarks.report --device cpu --out benchmarks/RESULTS_cpu.md
+
+# Cheap validation of the suite for CI: discovery and one small class without saving results.
+bench-check: $(VENV)/.asv
+	$(VENV)/bin/asv check --python=same
+	$(VENV)/bin/asv run --python=same --quick --dry-run -b "Emd"

@@ -5,7 +5,7 @@ leading batch dimension, and outputs keep the input's dtype and device.
 """
 
 from otcore.geometry import CostMatrix, Geometry, PointCloud
-from otcore.solvers import OTResult, SinkhornProgress, emd, sinkhorn, sinkhorn_divergence
+from otcore.solvers import OTResult, SinkhornProgress, emd, sinkhorn, sinkhorn_divergence, sns
 from otcore.warnings import ConvergenceWarning
 
 __version__ = "0.1.0"
@@ -20,4 +20,5 @@ __all__ = [
     "emd",
     "sinkhorn",
     "sinkhorn_divergence",
+    "sns",
 ]

@@ -30,36 +30,45 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 
 def conjugate_gradient(
     matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *, rtol: float, max_iter: int,
-    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None, diagonal: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Solve ``A x = rhs`` for a batch of symmetric PSD operators; rhs (B, N).
+    """Solve ``A x = rhs`` for a batch of symmetric PSD operators by (preconditioned) CG; rhs (B, N).
 
     Each problem stops (is frozen) once its residual is below ``rtol * |rhs|``. ``project``
-    (optional) maps vectors onto the range of A, for consistent singular systems.
+    (optional) maps vectors onto the range of A, for consistent singular systems; ``diagonal``
+    (optional, (B, N)) is a Jacobi preconditioner (entries <= 0 are treated as 1).
     """
     if project is not None:
         rhs = project(rhs)
+    inv_diag = None if diagonal is None else torch.where(diagonal > 0, 1 / diagonal, 1.0)
+
+    def precondition(v):
+        v = v if inv_diag is None else v * inv_diag
+        return v if project is None else project(v)
+
     x = torch.zeros_like(rhs)
     r = rhs.clone()
-    p = r.clone()
-    rs = (r * r).sum(-1)
-    stop = rtol**2 * rs
-    active = rs > stop
+    z = precondition(r)
+    p = z
+    rz = (r * z).sum(-1)
+    stop = rtol**2 * (r * r).sum(-1)
+    active = (r * r).sum(-1) > stop
     for _ in range(max_iter):
         if not bool(active.any()):
             break
         Ap = matvec(p)
         pAp = (p * Ap).sum(-1)
-        alpha = torch.where(active & (pAp > 0), rs / torch.where(pAp > 0, pAp, 1), 0).unsqueeze(-1)
+        alpha = torch.where(active & (pAp > 0), rz / torch.where(pAp > 0, pAp, 1), 0).unsqueeze(-1)
         x = x + alpha * p
         r = r - alpha * Ap
         if project is not None:
             r = project(r)
-        rs_new = (r * r).sum(-1)
-        beta = torch.where(active, rs_new / torch.where(rs > 0, rs, 1), 0).unsqueeze(-1)
-        p = torch.where(active.unsqueeze(-1), r + beta * p, p)
-        rs = torch.where(active, rs_new, rs)
-        active = active & (rs > stop)
+        z = precondition(r)
+        rz_new = (r * z).sum(-1)
+        beta = torch.where(active, rz_new / torch.where(rz != 0, rz, 1), 0).unsqueeze(-1)
+        p = torch.where(active.unsqueeze(-1), z + beta * p, p)
+        rz = torch.where(active, rz_new, rz)
+        active = active & ((r * r).sum(-1) > stop)
     return project(x) if project is not None else x
 
 
@@ -98,7 +107,8 @@ def solve_adjoint(
         def project(z: torch.Tensor) -> torch.Tensor:
             return z - (z * null).sum(-1, keepdim=True) * null
 
-    y = conjugate_gradient(matvec, torch.cat(u, dim=-1), rtol=rtol, max_iter=max_iter, project=project)
+    y = conjugate_gradient(matvec, torch.cat(u, dim=-1), rtol=rtol, max_iter=max_iter, project=project,
+                           diagonal=torch.cat([da, db], dim=-1))
     return da * y[:, :n], db * y[:, n:]
 
 

@@ -170,7 +170,7 @@ def sinkhorn(
         value = dual_value(geom, a, b, f, g, eps, rho_a, rho_b)
         params = (*geom.tensors, a, b)
         if grad == "implicit" and torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            f, g = _attach_implicit(geom, a, b, f, g, eps, tau_a, tau_b, implicit_rtol, implicit_max_iter)
+            f, g = attach_implicit(geom, a, b, f, g, eps, tau_a, tau_b, implicit_rtol, implicit_max_iter)
 
     out = problem.out_dtype
     operator = EntropicPlan(geom, a, b, f, g, eps)
@@ -261,7 +261,7 @@ def symmetric_potential(geom, a, eps, *, tol, max_iter, warn=True):
     return f
 
 
-def _attach_implicit(geom, a, b, f, g, eps, tau_a, tau_b, rtol, max_iter):
+def attach_implicit(geom, a, b, f, g, eps, tau_a, tau_b, rtol, max_iter):
     def fixed_point_map(f0, g0, *params):
         *tensors, a0, b0 = params
         gm = geom.with_tensors(*tensors)

@@ -1,0 +1,128 @@
+"""Entropic OT: otcore.sinkhorn vs POT (log / kernel domain, NumPy / torch), GeomLoss, FlashSinkhorn.
+
+``SinkhornDense``: a dense cost solved to a marginal tolerance (time, iterations, marginal error,
+error of <P, C> against a float64 reference). ``SinkhornIteration``: a fixed number of
+iterations, for time per iteration at larger n. ``SinkhornCloud``: points, otcore's PointCloud vs
+peers that build the cost matrix (or stream it), time and peak memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import otcore
+
+from . import peers, problems
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+TOL = 1e-5
+MAX_ITER = 3000
+
+
+def dense_inputs(n, dtype, device):
+    x, y = problems.clouds(n)
+    a, b = problems.weighted_histograms(n)
+    C = torch.cdist(x, y) ** 2
+    return [t.to(device=device, dtype=DTYPES[dtype]) for t in (C, a, b)], float(C.max())
+
+
+class SinkhornDense:
+    params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], [500, 2000], ["float64", "float32"],
+              [1e-1, 1e-2], ["cpu", "cuda"])
+    param_names = ["impl", "n", "dtype", "eps", "device"]
+    timeout = 600
+
+    def setup(self, impl, n, dtype, eps, device):
+        self.device = problems.device_or_skip(device)
+        self.peer = peers.get(impl, "sinkhorn", self.device)
+        inputs, scale = dense_inputs(n, dtype, self.device)
+        self.inputs = self.peer.prepare(inputs)
+        self.options = dict(eps=eps * scale, tol=TOL, max_iter=MAX_ITER)
+        self.run()  # warm-up (and Triton JIT once kernels land)
+
+    def run(self):
+        out = self.peer.run("sinkhorn", self.inputs, **self.options)
+        problems.synchronize(self.device)
+        return out
+
+    def time_solve(self, *params):
+        self.run()
+
+    def track_iterations(self, *params):
+        return self.peer.summarize(self.run()).n_iter
+
+    def track_marginal_error(self, *params):
+        return self.peer.summarize(self.run()).marginal_error
+
+    def track_cost_error(self, impl, n, dtype, eps, device):
+        """|<P, C> - reference| / reference, reference = otcore float64 at tol 1e-12."""
+        C, a, b = (t.double().cpu() for t in dense_inputs(n, "float64", "cpu")[0])
+        ref = otcore.sinkhorn(C, a, b, eps=self.options["eps"], tol=1e-12, max_iter=100_000, warn=False)
+        value = self.peer.summarize(self.run()).value
+        return abs(value - float(ref.transport_cost)) / float(ref.transport_cost)
+
+    track_iterations.unit = "iterations"
+    track_marginal_error.unit = "L1"
+    track_cost_error.unit = "relative"
+
+
+class SinkhornIteration:
+    """Time of ITERS iterations (no early stop): per-iteration cost at larger n."""
+
+    ITERS = 5
+    params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], [2000, 5000], ["float64", "float32"],
+              [1e-2, 1e-3], ["cpu", "cuda"])
+    param_names = ["impl", "n", "dtype", "eps", "device"]
+    timeout = 600
+    number = 1
+    repeat = 3
+
+    def setup(self, impl, n, dtype, eps, device):
+        self.device = problems.device_or_skip(device)
+        self.peer = peers.get(impl, "sinkhorn", self.device)
+        inputs, scale = dense_inputs(n, dtype, self.device)
+        self.inputs = self.peer.prepare(inputs)
+        self.options = dict(eps=eps * scale, tol=0.0, max_iter=self.ITERS)
+        self.peer.run("sinkhorn", self.inputs, eps=eps * scale, tol=0.0, max_iter=1)
+
+    def time_iterations(self, *params):
+        self.peer.run("sinkhorn", self.inputs, **self.options)
+        problems.synchronize(self.device)
+
+
+class SinkhornCloud:
+    """Point clouds (d = 3): otcore's PointCloud never builds n x m; peers may."""
+
+    params = (["otcore", "pot_log_torch", "geomloss", "geomloss_online", "flash_sinkhorn"], [1000, 5000],
+              ["cpu", "cuda"])
+    param_names = ["impl", "n", "device"]
+    timeout = 600
+
+    def setup(self, impl, n, device):
+        self.device = problems.device_or_skip(device)
+        self.peer = peers.get(impl, "sinkhorn_cloud", self.device)
+        x, y = problems.clouds(n, d=3)
+        a, b = torch.full((n,), 1.0 / n, dtype=torch.float64), torch.full((n,), 1.0 / n, dtype=torch.float64)
+        self.inputs = self.peer.prepare([t.float().to(self.device) for t in (x, y, a, b)])
+        self.options = dict(eps=0.05, tol=1e-4, max_iter=MAX_ITER)
+        self.run()
+
+    def run(self):
+        out = self.peer.run("sinkhorn_cloud", self.inputs, **self.options)
+        problems.synchronize(self.device)
+        return out
+
+    def time_solve(self, *params):
+        self.run()
+
+    def peakmem_solve(self, *params):
+        self.run()
+
+    def track_gpu_peak_bytes(self, impl, n, device):
+        if self.device.type != "cuda":
+            raise NotImplementedError("GPU only")
+        torch.cuda.reset_peak_memory_stats()
+        self.run()
+        return torch.cuda.max_memory_allocated()
+
+    track_gpu_peak_bytes.unit = "bytes"

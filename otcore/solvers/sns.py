@@ -1,0 +1,215 @@
+"""Sinkhorn-Newton-Sparse: Sinkhorn warm-up, then Newton steps on the dual with a sparsified Hessian.
+
+Dual (maximised), with the plan P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps):
+
+    D(f, g) = <a, f> + <b, g> - eps (sum P - |a||b|),   grad D = (a - P1, b - P^T 1),
+    -Hess D = H = [[diag(P1), P], [P^T, diag(P^T 1)]] / eps   (PSD, null vector (1, -1)).
+
+Each Newton step solves (H_s + lam I) d = grad D by Jacobi-preconditioned conjugate gradient,
+where H_s keeps the exact diagonals and drops the entries of P below delta / m (the dropped mass
+of a row is at most delta = nu |grad D|_2, so H_s stays diagonally dominant, hence PSD, and the
+shift lam = mu |grad D|_2 makes it definite and removes the gauge). The step length is the first
+of {1, 1/2, 1/4, 1/10} that increases D; mu adapts to the ratio of actual to predicted increase
+(trust-region style). Both devices come from SSNS; the warm-up and sparsity from SNS.
+
+References:
+    Tang, Shavlovsky, Rahmanian, Tardini, Thekumparampil, Xiao, Ying, "Accelerating Sinkhorn
+    algorithm with sparse Newton iterations", ICLR 2024.
+    Tang, Qiu, "Safe and sparse Newton method for entropic-regularized optimal transport",
+    NeurIPS 2024.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from otcore._validation import check_positive
+from otcore.solvers.implicit import conjugate_gradient
+from otcore.solvers.plan import EntropicPlan
+from otcore.solvers.problem import prepare_problem, warn_not_converged
+from otcore.solvers.result import OTResult
+from otcore.solvers.sinkhorn import attach_implicit, default_tol, dual_value, sinkhorn
+
+STEPS = (1.0, 0.5, 0.25, 0.1)
+RHO_LOW, RHO_HIGH, MU_UP, MU_DOWN, MU_MIN, NU = 0.25, 0.75, 4.0, 0.5, 1e-6, 0.01
+
+
+class _DualState:
+    """Potentials with the plan, its marginals, the dual value and gradient at them.
+
+    ``hessian="sparse"`` materialises P (B, n, m) once per evaluation (dense costs, or points
+    with n x m memory); ``"dense"`` never does and multiplies by P through the geometry.
+    """
+
+    def __init__(self, geom, C, a, b, f, g, eps):
+        self.f, self.g = f, g
+        if C is not None:
+            logits = (f.unsqueeze(-1) + g.unsqueeze(-2) - C) / eps
+            self.P = a.unsqueeze(-1) * b.unsqueeze(-2) * torch.exp(logits)
+            self.r, self.c = self.P.sum(-1), self.P.sum(-2)
+        else:
+            self.P = None
+            self.r, self.c = EntropicPlan(geom, a, b, f, g, eps).marginals()
+        self.value = (a * f).sum(-1) + (b * g).sum(-1) - eps * (self.r.sum(-1) - a.sum(-1) * b.sum(-1))
+        self.grad = torch.cat([a - self.r, b - self.c], dim=-1)
+        self.error = self.grad.abs().sum(-1)
+
+
+def newton_direction(state, geom, a, b, eps, shift, drop, *, rtol, max_iter):
+    """Solve ``(H_s + shift I) d = grad D`` for the ascent direction d, (B, n + m).
+
+    Args:
+        state: a ``_DualState``.
+        shift: (B,) Tikhonov shift lam.
+        drop: (B,) entries of P below ``drop`` leave the off-diagonal blocks (0: exact Hessian).
+    """
+    n = a.shape[-1]
+    lam = shift.unsqueeze(-1)
+    if state.P is not None:
+        kept = torch.where(state.P >= drop[:, None, None], state.P, 0)
+        if kept.device.type == "cpu":  # sparse products pay on CPU; GPUs keep the masked dense block
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                rows = [k.to_sparse_csr() for k in kept]
+                cols = [k.T.contiguous().to_sparse_csr() for k in kept]
+
+        def matmul(v, transpose):  # v (B, k)
+            if kept.device.type != "cpu":
+                return torch.matmul(kept.mT if transpose else kept, v.unsqueeze(-1)).squeeze(-1)
+            return torch.stack([blk @ vk for blk, vk in zip(cols if transpose else rows, v)])
+    else:
+        plan = EntropicPlan(geom, a, b, state.f, state.g, eps)
+
+        def matmul(v, transpose):
+            return plan.matmul(v.unsqueeze(-1), transpose).squeeze(-1)
+
+    def matvec(z):
+        y, x = z[:, :n], z[:, n:]
+        top = (state.r * y + matmul(x, False)) / eps
+        bottom = (state.c * x + matmul(y, True)) / eps
+        return torch.cat([top, bottom], dim=-1) + lam * z
+
+    diagonal = torch.cat([state.r, state.c], dim=-1) / eps + lam
+    direction = conjugate_gradient(matvec, state.grad, rtol=rtol, max_iter=max_iter, diagonal=diagonal)
+    return direction, matvec
+
+
+def sns(
+    cost,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    eps: float,
+    tol: float | None = None,
+    max_iter: int = 500,
+    sinkhorn_iter: int = 20,
+    hessian: str = "sparse",
+    grad: str = "implicit",
+    cg_rtol: float | None = None,
+    cg_max_iter: int = 500,
+    warn: bool = True,
+) -> OTResult:
+    """Entropic OT by Sinkhorn-Newton-Sparse (balanced problems).
+
+    Same problem, potentials and ``OTResult`` as ``sinkhorn``; converges in tens of iterations
+    at small eps where Sinkhorn needs thousands.
+
+    Args:
+        cost: (n, m) / (B, n, m) tensor or a geometry.
+        a, b: weights (None: uniform), equal total masses.
+        eps: entropic regularisation (> 0).
+        tol: stop when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (default: ``default_tol``).
+        max_iter: cap on all iterations (Sinkhorn warm-up + Newton).
+        sinkhorn_iter: warm-up Sinkhorn iterations (it stops early if already converged).
+        hessian: ``"sparse"`` (materialise P each step and drop small entries; CPU default) or
+            ``"dense"`` (Hessian-free: every CG product is a pass over the geometry, O(n + m)
+            memory; suits GPUs and point clouds).
+        grad: ``"implicit"`` or ``"envelope"`` as in ``sinkhorn`` (the fixed point is the same;
+            ``"unroll"`` is not offered: CG and sparsification are not differentiated).
+        cg_rtol, cg_max_iter: inner conjugate-gradient settings.
+        warn: one ``ConvergenceWarning`` on non-convergence.
+
+    Returns:
+        ``OTResult``; ``n_iter`` counts all iterations and ``info`` holds
+        ``{"sinkhorn_iter": ..., "newton_iter": ..., "error": ...}`` (per problem).
+    """
+    eps = check_positive("eps", eps)
+    if hessian not in ("sparse", "dense"):
+        raise ValueError(f"hessian must be 'sparse' or 'dense', got {hessian!r}")
+    if grad not in ("implicit", "envelope"):
+        raise ValueError(f"grad must be 'implicit' or 'envelope' for sns, got {grad!r}")
+    if int(max_iter) < 1 or int(sinkhorn_iter) < 0:
+        raise ValueError(f"max_iter must be >= 1 and sinkhorn_iter >= 0, got {max_iter!r}, {sinkhorn_iter!r}")
+    problem = prepare_problem(cost, a, b, balanced=True)
+    geom, a, b = problem.geom, problem.a, problem.b
+    tol = check_positive("tol", default_tol(geom.dtype) if tol is None else tol)
+    cg_rtol = cg_rtol or (1e-10 if geom.dtype == torch.float64 else 1e-5)
+    B, n, m = geom.shape
+
+    with torch.no_grad():
+        warm = sinkhorn(geom, a, b, eps=eps, tol=tol, max_iter=max(1, min(int(sinkhorn_iter), int(max_iter))),
+                        warn=False, grad="envelope")
+        f, g = warm._f.to(geom.dtype), warm._g.to(geom.dtype)
+        n_sinkhorn = warm._n_iter.clone()
+        C = geom.materialize().detach() if hessian == "sparse" else None
+        state = _DualState(geom, C, a, b, f, g, eps)
+        mu = torch.ones(B, dtype=geom.dtype, device=geom.device)
+        active = state.error > tol
+        n_newton = torch.zeros(B, dtype=torch.int64, device=geom.device)
+        budget = int(max_iter) - int(n_sinkhorn.max())
+        for _ in range(max(0, budget)):
+            if not bool(active.any()):
+                break
+            norm = state.grad.norm(dim=-1)
+            # inexact Newton: the forcing term min(0.1, sqrt|grad|) keeps superlinear convergence
+            forcing = max(cg_rtol, min(0.1, math.sqrt(float(norm[active].max()))))
+            d, matvec = newton_direction(state, geom, a, b, eps, mu * norm, NU * norm / m,
+                                         rtol=forcing, max_iter=cg_max_iter)
+            noise = 64 * torch.finfo(geom.dtype).eps * (state.value.abs() + eps)
+            slope = (state.grad * d).sum(-1)
+            curvature = (d * matvec(d)).sum(-1)
+            best, best_step = state, torch.zeros_like(mu)
+            for step in STEPS:
+                trial = _DualState(geom, C, a, b, state.f + step * d[:, :n], state.g + step * d[:, n:], eps)
+                # near the optimum D changes below its rounding noise: then the marginal error decides
+                level = trial.value >= state.value - noise
+                gain = (trial.value > state.value + noise) | (level & (trial.error < state.error))
+                better = active & (best_step == 0) & gain & torch.isfinite(trial.value)
+                best = _select(better, trial, best)
+                best_step = torch.where(better, step, best_step)
+                if bool((best_step > 0)[active].all()):
+                    break
+            predicted = best_step * slope - 0.5 * best_step**2 * curvature
+            ratio = torch.where(predicted > noise, (best.value - state.value) / predicted, -1.0)
+            ratio = torch.where((predicted <= noise) & (best_step > 0), 1.0, ratio)
+            mu = torch.where(ratio < RHO_LOW, mu * MU_UP, torch.where(ratio > RHO_HIGH, (mu * MU_DOWN).clamp_min(MU_MIN), mu))
+            n_newton = n_newton + active.long()
+            state = best
+            active = active & (state.error > tol) & torch.isfinite(state.error)
+        f, g = state.f, state.g
+        converged = state.error <= tol
+    warn_not_converged("sns", converged, ~torch.isfinite(state.error), int(max_iter), warn)
+
+    value = dual_value(geom, a, b, f, g, eps, math.inf, math.inf)
+    if grad == "implicit" and torch.is_grad_enabled() and any(p.requires_grad for p in (*geom.tensors, a, b)):
+        f, g = attach_implicit(geom, a, b, f, g, eps, 1.0, 1.0, None, 1000)
+    out = problem.out_dtype
+    info = {"sinkhorn_iter": n_sinkhorn, "newton_iter": n_newton, "error": state.error}
+    return OTResult(f.to(out), g.to(out), value.to(out), n_sinkhorn + n_newton, converged,
+                    EntropicPlan(geom, a, b, f, g, eps), a, b, problem.batched, eps, info)
+
+
+def _select(mask: torch.Tensor, new: _DualState, old: _DualState) -> _DualState:
+    """Per problem, ``new`` where ``mask`` else ``old`` (all fields)."""
+    out = object.__new__(_DualState)
+    for name, new_value in vars(new).items():
+        old_value = getattr(old, name)
+        if new_value is None:
+            setattr(out, name, None)
+            continue
+        shape = (-1,) + (1,) * (new_value.dim() - 1)
+        setattr(out, name, torch.where(mask.view(shape), new_value, old_value))
+    return out

@@ -1,0 +1,87 @@
+"""Sinkhorn-Newton-Sparse against a converged Sinkhorn, a dense linear solve and the paper's case."""
+
+import pytest
+import torch
+
+import otcore
+from conftest import F64, clouds, simplex, sqdist
+from otcore.solvers.problem import prepare_problem
+from otcore.solvers.sns import _DualState, newton_direction
+
+
+@pytest.mark.parametrize("hessian", ["sparse", "dense"])
+def test_same_plan_as_converged_sinkhorn(gen, hessian):
+    x, y = clouds(60, 50, 2, gen)
+    C = sqdist(x, y)
+    a, b = simplex(60, gen), simplex(50, gen)
+    eps = 0.01 * float(C.max())
+    ref = otcore.sinkhorn(C, a, b, eps=eps, tol=1e-12, max_iter=200_000)
+    res = otcore.sns(C, a, b, eps=eps, tol=1e-11, hessian=hessian)
+    assert bool(res.converged) and float(res.marginal_error) <= 1e-11
+    assert (res.plan - ref.plan).abs().sum() <= 1e-9
+    torch.testing.assert_close(res.value, ref.value, rtol=1e-11, atol=1e-12)
+    assert int(res.n_iter) == int(res.info["sinkhorn_iter"]) + int(res.info["newton_iter"][0])
+
+
+def test_value_gradient_is_the_plan_and_implicit_matches_sinkhorn(gen):
+    C = torch.rand(2, 30, 25, generator=gen, dtype=F64).requires_grad_()
+    W = torch.randn(30, 25, generator=gen, dtype=F64)
+    res = otcore.sns(C, eps=0.02, tol=1e-12)
+    (gv,) = torch.autograd.grad(res.value.sum(), C)
+    torch.testing.assert_close(gv, res.plan.detach(), rtol=1e-9, atol=1e-12)
+    (gp,) = torch.autograd.grad((res.plan * W).sum(), C)
+    ref = otcore.sinkhorn(C, eps=0.02, tol=1e-12, max_iter=100_000)
+    (gr,) = torch.autograd.grad((ref.plan * W).sum(), C)
+    torch.testing.assert_close(gp, gr, rtol=1e-7, atol=1e-9)
+
+
+def test_newton_direction_equals_dense_solve(gen):
+    n, m, eps = 7, 5, 0.3
+    C = torch.rand(1, n, m, generator=gen, dtype=F64)
+    problem = prepare_problem(C, simplex(n, gen)[None], simplex(m, gen)[None], balanced=True)
+    f = torch.randn(1, n, generator=gen, dtype=F64) * 0.1
+    g = torch.randn(1, m, generator=gen, dtype=F64) * 0.1
+    state = _DualState(problem.geom, C, problem.a, problem.b, f, g, eps)
+    shift = torch.tensor([1e-3], dtype=F64)
+    d, _ = newton_direction(state, problem.geom, problem.a, problem.b, eps, shift, torch.zeros(1, dtype=F64),
+                            rtol=1e-14, max_iter=100)
+    P = state.P[0]
+    H = torch.cat([torch.cat([torch.diag(P.sum(1)), P], 1), torch.cat([P.T, torch.diag(P.sum(0))], 1)]) / eps
+    expected = torch.linalg.solve(H + 1e-3 * torch.eye(n + m, dtype=F64), state.grad[0])
+    torch.testing.assert_close(d[0], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_random_assignment_case_of_the_paper():
+    """C ~ U[0, 1], uniform weights, eta = 1200 (eps = 1/1200), n = 500, float64."""
+    gen = torch.Generator().manual_seed(0)
+    C = torch.rand(500, 500, generator=gen, dtype=F64)
+    res = otcore.sns(C, eps=1 / 1200, tol=1e-10)
+    assert bool(res.converged) and float(res.marginal_error) <= 1e-10
+    assert int(res.n_iter) < 100
+    with pytest.warns(otcore.ConvergenceWarning):
+        plain = otcore.sinkhorn(C, eps=1 / 1200, tol=1e-10, max_iter=10_000)
+    assert not bool(plain.converged)
+
+
+def test_float32_and_batched(gen):
+    C = torch.rand(3, 40, 40, generator=gen, dtype=F64)
+    res = otcore.sns(C.float(), eps=0.01, tol=1e-4)
+    ref = otcore.sinkhorn(C, eps=0.01, tol=1e-12, max_iter=100_000)
+    assert res.plan.dtype == torch.float32 and bool(res.converged.all())
+    assert float((res.plan.double() - ref.plan).abs().sum(dim=(1, 2)).max()) <= 1e-3
+    for k in range(3):
+        one = otcore.sns(C[k], eps=0.01, tol=1e-10)
+        torch.testing.assert_close(otcore.sns(C, eps=0.01, tol=1e-10).plan[k], one.plan, rtol=1e-8, atol=1e-12)
+
+
+def test_bad_options_and_non_convergence(gen):
+    C = torch.rand(10, 10, generator=gen, dtype=F64)
+    with pytest.raises(ValueError, match="grad"):
+        otcore.sns(C, eps=0.1, grad="unroll")
+    with pytest.raises(ValueError, match="hessian"):
+        otcore.sns(C, eps=0.1, hessian="full")
+    with pytest.raises(ValueError, match="eps"):
+        otcore.sns(C, eps=0.0)
+    with pytest.warns(otcore.ConvergenceWarning) as record:
+        res = otcore.sns(C, eps=1e-3, tol=1e-14, max_iter=3, sinkhorn_iter=2)
+    assert len(record) == 1 and not bool(res.converged)
