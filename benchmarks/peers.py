@@ -188,6 +188,31 @@ class SamplesLossPeer(Peer):
         return Summary(float(out) / self.cost_scale)
 
 
+class OtcoreSns(Otcore):
+    name = "otcore_sns"
+
+    def sinkhorn(self, C, a, b, *, eps, tol, max_iter):
+        return otcore.sns(C, a, b, eps=eps, tol=tol, max_iter=max_iter, warn=False)
+
+
+class RegOT(Peer):
+    """RegOT's C++ solvers (``regot.sinkhorn_<method>``); its tol bounds the 2-norm of the dual gradient."""
+
+    def __init__(self, method: str):
+        self.method, self.name = method, f"regot_{method}"
+
+    def prepare(self, inputs):
+        require("regot")
+        return [t.detach().cpu().double().numpy() for t in inputs]
+
+    def sinkhorn(self, C, a, b, *, eps, tol, max_iter):
+        solver = getattr(require("regot"), f"sinkhorn_{self.method}")
+        res = solver(C, a, b, eps, tol=tol, max_iter=max_iter)
+        return res.plan, C, a, b, res.niter
+
+    summarize = PotNumpy.summarize
+
+
 PEERS: dict[str, Peer] = {
     p.name: p
     for p in (
@@ -198,6 +223,10 @@ PEERS: dict[str, Peer] = {
         SamplesLossPeer("geomloss", "geomloss", ("cpu", "cuda"), 0.5, backend="tensorized"),
         SamplesLossPeer("geomloss_online", "geomloss", ("cpu", "cuda"), 0.5, backend="online"),
         SamplesLossPeer("flash_sinkhorn", "flash_sinkhorn", ("cuda",), 1.0),
+        OtcoreSns(),
+        RegOT("ssns"),
+        RegOT("sparse_newton"),
+        RegOT("bcd"),
     )
 }
 
