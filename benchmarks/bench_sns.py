@@ -71,8 +71,4 @@ class EntropicSmallEps:
     def track_iterations(self, *params):
         return self.peer.summarize(self.run()).n_iter
 
-    def track_marginal_error(self, *params):
-        return self.peer.summarize(self.run()).marginal_error
-
     track_iterations.unit = "iterations"
-    track_marginal_error.unit = "L1"
