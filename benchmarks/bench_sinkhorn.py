@@ -95,7 +95,7 @@ class SinkhornIteration:
 class SinkhornCloud:
     """Point clouds (d = 3): otcore's PointCloud never builds n x m; peers may."""
 
-    params = (["otcore", "pot_log_torch", "geomloss", "geomloss_online", "flash_sinkhorn"], [1000, 5000],
+    params = (["otcore", "pot_log_torch", "geomloss", "geomloss_online", "flash_sinkhorn"], [1000, 3000],
               ["cpu", "cuda"])
     param_names = ["impl", "n", "device"]
     timeout = 600
@@ -106,7 +106,7 @@ class SinkhornCloud:
         x, y = problems.clouds(n, d=3)
         a, b = torch.full((n,), 1.0 / n, dtype=torch.float64), torch.full((n,), 1.0 / n, dtype=torch.float64)
         self.inputs = self.peer.prepare([t.float().to(self.device) for t in (x, y, a, b)])
-        self.options = dict(eps=0.05, tol=1e-4, max_iter=MAX_ITER)
+        self.options = dict(eps=0.5, tol=1e-4, max_iter=MAX_ITER)  # about 1e-2 of the largest cost
         self.run()
 
     def run(self):
