@@ -163,14 +163,12 @@ def sinkhorn(
         )
     warn_not_converged("sinkhorn", converged, failed, int(max_iter), warn)
 
-    if grad == "unroll":
-        value = dual_value(geom, a, b, f, g, eps, rho_a, rho_b)
-    else:
+    if grad != "unroll":  # value: envelope theorem; f, g: constants (envelope) or implicit
         f, g = f.detach(), g.detach()
-        value = dual_value(geom, a, b, f, g, eps, rho_a, rho_b)
-        params = (*geom.tensors, a, b)
-        if grad == "implicit" and torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            f, g = attach_implicit(geom, a, b, f, g, eps, tau_a, tau_b, implicit_rtol, implicit_max_iter)
+    value = dual_value(geom, a, b, f, g, eps, rho_a, rho_b)
+    params = (*geom.tensors, a, b)
+    if grad == "implicit" and torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        f, g = attach_implicit(geom, a, b, f, g, eps, tau_a, tau_b, implicit_rtol, implicit_max_iter)
 
     out = problem.out_dtype
     operator = EntropicPlan(geom, a, b, f, g, eps)
