@@ -29,8 +29,9 @@ test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m "slow or not slow"
 
 # asv against the installed project (otcore and its peers side by side), then the ratio table.
+# BENCH='-b SinkhornCloud' narrows the run (asv's -b regex).
 bench: $(VENV)/.peers
-	$(VENV)/bin/asv run --python=same --quick --show-stderr
+	$(VENV)/bin/asv run --python=same --quick --show-stderr --set-commit-hash $$(git rev-parse HEAD) $(BENCH)
 	$(PY) -m benchmarks.report --device cpu --out benchmarks/RESULTS_cpu.md
 
 # Cheap validation of the suite for CI: discovery and one small class without saving results.
