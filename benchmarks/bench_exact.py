@@ -7,37 +7,33 @@ import torch
 from . import peers, problems
 
 
-class Emd:
+class Emd(peers.PeerCase):
     params = (["otcore", "pot_log"], [200, 1000])
     param_names = ["impl", "n"]
 
+    task = "emd"
+
     def setup(self, impl, n):
-        self.peer = peers.get(impl, "emd", torch.device("cpu"))
         x, y = problems.clouds(n)
         a, b = problems.weighted_histograms(n)
-        self.inputs = self.peer.prepare([torch.cdist(x, y) ** 2, a, b])
+        self.prepare_case(impl, torch.device("cpu"), [torch.cdist(x, y) ** 2, a, b])
 
     def time_emd(self, *params):
-        self.peer.run("emd", self.inputs)
+        self.run()
 
 
-class Divergence:
+class Divergence(peers.PeerCase):
     params = (["otcore", "pot_log", "geomloss", "geomloss_online", "flash_sinkhorn"], [500, 2000], ["cpu", "cuda"])
     param_names = ["impl", "n", "device"]
     timeout = 600
 
-    def setup(self, refs, impl, n, device):
-        self.device = problems.device_or_skip(device)
-        self.peer = peers.get(impl, "divergence", self.device)
-        x, y = problems.clouds(n, d=3)
-        self.inputs = self.peer.prepare([x.float().to(self.device), y.float().to(self.device)])
-        self.options = dict(eps=0.1, tol=1e-4)
-        self.run()
+    task = "divergence"
 
-    def run(self):
-        out = self.peer.run("divergence", self.inputs, **self.options)
-        problems.synchronize(self.device)
-        return out
+    def setup(self, refs, impl, n, device):
+        device = problems.device_or_skip(device)
+        x, y = problems.clouds(n, d=3)
+        self.prepare_case(impl, device, [x.float().to(device), y.float().to(device)], eps=0.1, tol=1e-4)
+        self.run()
 
     def time_divergence(self, refs, *params):
         self.run()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-import otcore
-
 from . import peers, problems
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -26,24 +24,19 @@ def dense_inputs(n, dtype, device):
     return [t.to(device=device, dtype=DTYPES[dtype]) for t in (C, a, b)], float(C.max())
 
 
-class SinkhornDense:
+class SinkhornDense(peers.PeerCase):
     params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], [500, 2000], ["float64", "float32"],
               [1e-1, 1e-2], ["cpu", "cuda"])  # eps >= 1e-2: the kernel-domain reference stays finite
     param_names = ["impl", "n", "dtype", "eps", "device"]
     timeout = 600
 
-    def setup(self, impl, n, dtype, eps, device):
-        self.device = problems.device_or_skip(device)
-        self.peer = peers.get(impl, "sinkhorn", self.device)
-        inputs, scale = dense_inputs(n, dtype, self.device)
-        self.inputs = self.peer.prepare(inputs)
-        self.options = dict(eps=eps * scale, tol=TOL, max_iter=MAX_ITER)
-        self.run()  # warm-up (and Triton JIT once kernels land)
+    task = "sinkhorn"
 
-    def run(self):
-        out = self.peer.run("sinkhorn", self.inputs, **self.options)
-        problems.synchronize(self.device)
-        return out
+    def setup(self, impl, n, dtype, eps, device):
+        device = problems.device_or_skip(device)
+        inputs, scale = dense_inputs(n, dtype, device)
+        self.prepare_case(impl, device, inputs, eps=eps * scale, tol=TOL, max_iter=MAX_ITER)
+        self.run()  # warm-up (and Triton JIT once kernels land)
 
     def time_solve(self, *params):
         self.run()
@@ -68,7 +61,7 @@ class SinkhornDense:
     track_cost_error.unit = "relative"
 
 
-class SinkhornIteration:
+class SinkhornIteration(peers.PeerCase):
     """Time of ITERS iterations (no early stop): per-iteration cost at larger n."""
 
     ITERS = 5
@@ -79,20 +72,19 @@ class SinkhornIteration:
     number = 1
     repeat = 3
 
+    task = "sinkhorn"
+
     def setup(self, impl, n, dtype, eps, device):
-        self.device = problems.device_or_skip(device)
-        self.peer = peers.get(impl, "sinkhorn", self.device)
-        inputs, scale = dense_inputs(n, dtype, self.device)
-        self.inputs = self.peer.prepare(inputs)
-        self.options = dict(eps=eps * scale, tol=0.0, max_iter=self.ITERS)
-        self.peer.run("sinkhorn", self.inputs, eps=eps * scale, tol=0.0, max_iter=1)
+        device = problems.device_or_skip(device)
+        inputs, scale = dense_inputs(n, dtype, device)
+        self.prepare_case(impl, device, inputs, eps=eps * scale, tol=0.0, max_iter=self.ITERS)
+        self.run()
 
     def time_iterations(self, *params):
-        self.peer.run("sinkhorn", self.inputs, **self.options)
-        problems.synchronize(self.device)
+        self.run()
 
 
-class SinkhornCloud:
+class SinkhornCloud(peers.PeerCase):
     """Point clouds (d = 3): otcore's PointCloud never builds n x m; peers may."""
 
     params = (["otcore", "pot_log_torch", "geomloss", "geomloss_online", "flash_sinkhorn"], [1000, 3000],
@@ -100,19 +92,15 @@ class SinkhornCloud:
     param_names = ["impl", "n", "device"]
     timeout = 600
 
-    def setup(self, impl, n, device):
-        self.device = problems.device_or_skip(device)
-        self.peer = peers.get(impl, "sinkhorn_cloud", self.device)
-        x, y = problems.clouds(n, d=3)
-        a, b = torch.full((n,), 1.0 / n, dtype=torch.float64), torch.full((n,), 1.0 / n, dtype=torch.float64)
-        self.inputs = self.peer.prepare([t.float().to(self.device) for t in (x, y, a, b)])
-        self.options = dict(eps=0.5, tol=1e-4, max_iter=MAX_ITER)  # about 1e-2 of the largest cost
-        self.run()
+    task = "sinkhorn_cloud"
 
-    def run(self):
-        out = self.peer.run("sinkhorn_cloud", self.inputs, **self.options)
-        problems.synchronize(self.device)
-        return out
+    def setup(self, impl, n, device):
+        device = problems.device_or_skip(device)
+        x, y = problems.clouds(n, d=3)
+        u = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        inputs = [t.float().to(device) for t in (x, y, u, u)]
+        self.prepare_case(impl, device, inputs, eps=0.5, tol=1e-4, max_iter=MAX_ITER)  # ~1e-2 of max cost
+        self.run()
 
     def time_solve(self, *params):
         self.run()

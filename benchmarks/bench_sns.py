@@ -42,11 +42,12 @@ def density_problem(kind: str):
     return C, a / a.sum(), b / b.sum()
 
 
-class EntropicSmallEps:
+class EntropicSmallEps(peers.PeerCase):
     params = (IMPLS,
               ["assignment_500", "assignment_2000", "digits_l1", "digits_l2", "1d_w1", "1d_w2", "2d_w1", "2d_w2"],
               [1e-2, 1e-3, 1 / 1200])
     param_names = ["impl", "problem", "eps"]
+    task = "sinkhorn"
     timeout = 900
     number = 1
     repeat = 1
@@ -56,14 +57,10 @@ class EntropicSmallEps:
             raise NotImplementedError("eta = 1200 is the paper's random-assignment setting only")
         if impl in ("pot_log", "regot_sparse_newton") and problem == "assignment_2000":
             raise NotImplementedError(f"{impl} does not finish in the benchmark's time at n = 2000 (capped, hours)")
-        self.peer = peers.get(impl, "sinkhorn", torch.device("cpu"))
         C, a, b = density_problem(problem)
-        self.inputs = self.peer.prepare([C, a, b])
         max_iter = 1000 if impl in ("otcore_sns", "regot_ssns", "regot_sparse_newton") else SLOW_CAP
-        self.options = dict(eps=eps * float(C.max()), tol=TOL, max_iter=max_iter)
-
-    def run(self):
-        return self.peer.run("sinkhorn", self.inputs, **self.options)
+        self.prepare_case(impl, torch.device("cpu"), [C, a, b], eps=eps * float(C.max()), tol=TOL,
+                          max_iter=max_iter)
 
     def time_solve(self, *params):
         self.run()

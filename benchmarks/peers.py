@@ -236,3 +236,25 @@ def get(name: str, task: str, device: torch.device) -> Peer:
     peer = PEERS[name]
     peer.check(task, device)
     return peer
+
+
+class PeerCase:
+    """Base of the benchmark classes: one peer on one device, its prepared inputs and options.
+
+    Subclasses set ``task`` and call ``prepare_case`` in ``setup``; ``run`` solves once and
+    synchronises CUDA so that asv times the work, not its launch.
+    """
+
+    task: str
+
+    def prepare_case(self, impl: str, device: torch.device, inputs, **options) -> None:
+        self.device = device
+        self.peer = get(impl, self.task, device)
+        self.inputs = self.peer.prepare(inputs)
+        self.options = options
+
+    def run(self):
+        out = self.peer.run(self.task, self.inputs, **self.options)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out

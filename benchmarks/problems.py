@@ -43,8 +43,3 @@ def device_or_skip(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise NotImplementedError("no CUDA device")
     return torch.device(name)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()

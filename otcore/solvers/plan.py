@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from otcore.geometry import CostMatrix, Geometry
+from otcore.geometry import Geometry
 
 
 class EntropicPlan:
@@ -41,11 +41,6 @@ class EntropicPlan:
         """<P, C> per problem: (B,)."""
         return (self.a * self.geom.kernel_cost(self.f, self.g, self.eps, self.b)).sum(-1)
 
-    def cheap_to_densify(self) -> bool:
-        """True when a dense copy costs no more memory than the geometry already holds."""
-        return isinstance(self.geom, CostMatrix)
-
-
 class DensePlan:
     """A plan held as a (B, n, m) tensor, with the cost it is evaluated against."""
 
@@ -63,6 +58,3 @@ class DensePlan:
 
     def transport_cost(self) -> torch.Tensor:
         return (self.plan * self.cost).sum((-2, -1))
-
-    def cheap_to_densify(self) -> bool:
-        return True

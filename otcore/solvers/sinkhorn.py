@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from otcore._validation import check_finite, check_positive, check_tau
+from otcore.geometry import CostMatrix
 from otcore.solvers.implicit import implicit_potentials
 from otcore.solvers.plan import DensePlan, EntropicPlan
 from otcore.solvers.problem import prepare_problem, warn_not_converged
@@ -267,7 +268,7 @@ def attach_implicit(geom, a, b, f, g, eps, tau_a, tau_b, rtol, max_iter):
 
     def plan_matmul_at(f0, g0):
         op = EntropicPlan(geom, a, b, f0, g0, eps)
-        if op.cheap_to_densify():
+        if isinstance(geom, CostMatrix):  # a dense plan costs no more memory than C itself
             op = DensePlan(op.dense(), geom.materialize())
         return op.matmul
 

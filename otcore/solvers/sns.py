@@ -28,7 +28,7 @@ import torch
 
 from otcore._validation import check_positive
 from otcore.solvers.implicit import conjugate_gradient
-from otcore.solvers.plan import EntropicPlan
+from otcore.solvers.plan import DensePlan, EntropicPlan
 from otcore.solvers.problem import prepare_problem, warn_not_converged
 from otcore.solvers.result import OTResult
 from otcore.solvers.sinkhorn import attach_implicit, default_tol, dual_value, sinkhorn
@@ -49,7 +49,7 @@ class _DualState:
         if C is not None:
             logits = (f.unsqueeze(-1) + g.unsqueeze(-2) - C) / eps
             self.P = a.unsqueeze(-1) * b.unsqueeze(-2) * torch.exp(logits)
-            self.r, self.c = self.P.sum(-1), self.P.sum(-2)
+            self.r, self.c = DensePlan(self.P, C).marginals()
         else:
             self.P = None
             self.r, self.c = EntropicPlan(geom, a, b, f, g, eps).marginals()
