@@ -26,11 +26,18 @@ import torch
 
 #: Elements of one block (B * rows * L); 2**18 float64 values = 2 MiB, which stays in L2 cache.
 BLOCK_ELEMENTS = 1 << 18
+#: On GPUs a block is one batch of kernel launches: larger blocks amortise the launches.
+GPU_BLOCK_ELEMENTS = 1 << 24
 #: Lower clamp of the max-shifted exponent: exp(-80) is still a normal float32.
 EXP_FLOOR = 80.0
 #: Upper clamp of an exponent that is shifted by a max taken over positive weights only; it only
 #: binds on zero-weight entries (whose product with the weight is 0 either way).
 EXP_CEIL = 80.0
+
+
+def block_elements(device: torch.device) -> int:
+    """Elements per block on ``device``."""
+    return BLOCK_ELEMENTS if device.type == "cpu" else GPU_BLOCK_ELEMENTS
 
 
 def row_blocks(n_rows: int, row_len: int, batch: int, block_elements: int = BLOCK_ELEMENTS) -> Iterator[slice]:
@@ -119,7 +126,8 @@ def blocked_map(
 ) -> torch.Tensor:
     """Concatenate ``block_fn(rows, buffers)`` (B, r, ...) over row blocks (no grad)."""
     buffers = Buffers(dtype, device)
-    return torch.cat([block_fn(sl, buffers) for sl in row_blocks(n_out, n_red, batch)], dim=1)
+    blocks = row_blocks(n_out, n_red, batch, block_elements(device))
+    return torch.cat([block_fn(sl, buffers) for sl in blocks], dim=1)
 
 
 def lse_(scores: torch.Tensor, dim: int) -> torch.Tensor:
@@ -146,7 +154,7 @@ def column_lse(C: torch.Tensor, h: torch.Tensor, inv_eps: float, buffers: Buffer
     B, n, m = C.shape
     top = torch.full((B, 1, m), float("-inf"), dtype=buffers.dtype, device=buffers.device)
     total = torch.zeros(B, 1, m, dtype=buffers.dtype, device=buffers.device)
-    for rows in row_blocks(n, m, B):
+    for rows in row_blocks(n, m, B, block_elements(buffers.device)):
         buf = buffers.get(0, (B, rows.stop - rows.start, m))
         torch.add(h[:, rows].unsqueeze(-1), C[:, rows], alpha=-inv_eps, out=buf)
         new_top = torch.maximum(top, buf.amax(dim=1, keepdim=True))

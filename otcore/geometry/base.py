@@ -2,8 +2,15 @@
 
 A geometry describes a batch of B cost matrices of shape (n, m) without committing to how they
 are stored: ``CostMatrix`` holds them, ``PointCloud`` recomputes them from points. Subclasses
-provide ``cost_rows`` (a differentiable block of rows of C or of C^T), ``transpose`` and
-``fill_scores`` (the fused no-grad fill of the hot path); everything else is written here once.
+provide ``cost_rows`` (a differentiable block of rows of C or of C^T), ``transpose``,
+``fill_scores`` (the fused no-grad fill of the torch hot path) and ``kernel_operands`` (what the
+Triton kernels read); everything else is written here once.
+
+Two backends compute the same primitives (``backend.py`` chooses): ``"torch"`` streams blocks
+of rows through ``kernels.reference``, ``"triton"`` calls the fused kernels of ``kernels.ops``
+(softmin with its autograd, and no-grad plan products). A Triton geometry keeps float16/bfloat16
+tensors as given (the kernels read them and accumulate in float32) and reports float32 as
+``dtype``; the torch backend converts them.
 
 References:
     Cuturi, Teboul, Vert (OTT-JAX geometries), arXiv:2201.12324.
@@ -12,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -27,6 +35,10 @@ class Geometry(ABC):
 
     #: True when the user passed unbatched tensors (results are squeezed back).
     batched: bool
+    #: "torch" or "triton" (resolved from the requested backend at construction).
+    backend: str
+    #: dtype of the computation when it differs from the tensors' (half tensors on Triton).
+    _compute_dtype: torch.dtype | None = None
 
     # ----------------------------------------------------------------- subclass interface
     @property
@@ -60,21 +72,38 @@ class Geometry(ABC):
         """The same kind of geometry built on other tensors (same order as ``tensors``)."""
 
     @abstractmethod
-    def broadcast_to(self, batch: int) -> Geometry:
-        """The same geometry expanded (as a view) to ``batch`` problems."""
-
-    @abstractmethod
-    def to_dtype(self, dtype: torch.dtype) -> Geometry:
-        """The same geometry computed in ``dtype``."""
+    def kernel_operands(self, transpose: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(a, b, cost code) for ``kernels.ops``: a holds the output rows (the dense C, or points)."""
 
     def fused_layout(self, transpose: bool) -> int:
         """Reduced dim of the buffers ``fill_scores`` writes (-1: rows of C or C^T; -2: columns)."""
         return -1
 
     # ----------------------------------------------------------------- shared machinery
+    def _replace(self, **fields) -> Geometry:
+        new = copy.copy(self)
+        new.__dict__.update(fields)
+        return new
+
+    def broadcast_to(self, batch: int) -> Geometry:
+        """The same geometry expanded (as a view) to ``batch`` problems."""
+        if self.shape[0] == batch:
+            return self
+        return self.with_tensors(*(t.expand(batch, *t.shape[1:]) for t in self.tensors))
+
+    def to_dtype(self, dtype: torch.dtype) -> Geometry:
+        """The same geometry computed in ``dtype`` (half tensors stay as they are on Triton)."""
+        if self.dtype == dtype:
+            return self
+        stored = self.tensors[0].dtype
+        if self.backend == "triton" and dtype == torch.float32 and stored in (torch.float16, torch.bfloat16):
+            return self._replace(_compute_dtype=dtype)
+        return self.with_tensors(*(t.to(dtype) for t in self.tensors))._replace(_compute_dtype=None)
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.tensors[0].dtype
+        """The dtype potentials and results are computed in."""
+        return self._compute_dtype or self.tensors[0].dtype
 
     @property
     def device(self) -> torch.device:
@@ -94,7 +123,7 @@ class Geometry(ABC):
         B, n, m = self.shape
         n_rows, row_len = (m, n) if transpose else (n, m)
         outs = []
-        for rows in reference.row_blocks(n_rows, row_len, B):
+        for rows in reference.row_blocks(n_rows, row_len, B, reference.block_elements(self.device)):
             def run(rows=rows):
                 sliced = [t[:, rows] if t is not None else None for t in row_args]
                 return block_fn(self.cost_rows(rows, transpose), *sliced, *col_args)
@@ -130,6 +159,10 @@ class Geometry(ABC):
         the backward pass); without gradients it runs the fused, buffer-reusing kernel.
         """
         transpose = axis == 0
+        if self.backend == "triton":
+            from otcore.kernels import ops
+
+            return ops.softmin(*self.kernel_operands(transpose), h, weights, eps)
         if self._needs_grad(h, weights):
             block = functools.partial(reference.block_softmin, eps=eps)
             return self._map_rows(block, transpose, (), (h, weights), grad=True)
@@ -161,6 +194,11 @@ class Geometry(ABC):
         if self._needs_grad(f, g, weights, v):
             block = functools.partial(reference.block_kernel_apply, eps=eps)
             return self._map_rows(block, transpose, (f,), (g, weights, v), grad=True)
+        if self.backend == "triton":
+            from otcore.kernels import ops
+
+            with torch.no_grad():
+                return ops.kernel_apply(*self.kernel_operands(transpose), f, g, weights, v, eps)
         with torch.no_grad():
             scaled = g / eps + reference.log_weights(weights, g)
 
@@ -176,6 +214,11 @@ class Geometry(ABC):
         if self._needs_grad(f, g, weights):
             block = functools.partial(reference.block_kernel_cost, eps=eps)
             return self._map_rows(block, False, (f,), (g, weights), grad=True)
+        if self.backend == "triton":
+            from otcore.kernels import ops
+
+            with torch.no_grad():
+                return ops.kernel_cost(*self.kernel_operands(False), f, g, weights, eps)
         with torch.no_grad():
             zeros = torch.zeros_like(g)
             w = torch.ones_like(g) if weights is None else weights

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from otcore._validation import check_finite
+from otcore.geometry.backend import resolve_backend
 from otcore.geometry.base import Geometry
 from otcore.kernels import reference
 
-_BACKENDS = ("auto", "torch")
+#: ``kernels.softmin_triton.COST_DENSE``.
+_KERNEL_DENSE = 0
 
 
 class CostMatrix(Geometry):
@@ -16,7 +18,9 @@ class CostMatrix(Geometry):
 
     Args:
         C: the costs; must be finite.
-        backend: ``"auto"`` or ``"torch"`` (the Triton kernels plug in here once they land).
+        backend: ``"auto"`` (Triton for CUDA float32/float16/bfloat16 costs when it imports,
+            torch otherwise), ``"torch"`` or ``"triton"`` (on CPU tensors it needs
+            ``TRITON_INTERPRET=1``).
     """
 
     def __init__(self, C: torch.Tensor, backend: str = "auto"):
@@ -28,12 +32,10 @@ class CostMatrix(Geometry):
             raise ValueError(f"C is empty: shape {tuple(C.shape)}")
         if not C.is_floating_point():
             raise ValueError(f"C must be a floating tensor, got {C.dtype}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         check_finite("C", C)
         self.batched = C.dim() == 3
         self.C = C if self.batched else C.unsqueeze(0)
-        self.backend = backend
+        self.backend = resolve_backend(backend, C.device, C.dtype, None)
 
     @property
     def shape(self):
@@ -44,15 +46,16 @@ class CostMatrix(Geometry):
         return (self.C,)
 
     def with_tensors(self, C: torch.Tensor) -> CostMatrix:
-        new = object.__new__(CostMatrix)
-        new.C, new.batched, new.backend = C, self.batched, self.backend
-        return new
+        return self._replace(C=C)
 
     def cost_rows(self, rows, transpose=False):
-        return self.C.mT[:, rows] if transpose else self.C[:, rows]
+        return (self.C.mT[:, rows] if transpose else self.C[:, rows]).to(self.dtype)
 
     def transpose(self):
         return self.with_tensors(self.C.mT)
+
+    def kernel_operands(self, transpose):
+        return (self.C.mT if transpose else self.C), None, _KERNEL_DENSE
 
     def fused_layout(self, transpose):
         return -2 if transpose else -1
@@ -69,11 +72,5 @@ class CostMatrix(Geometry):
         buffers = reference.Buffers(self.dtype, self.device)
         return reference.column_lse(self.C, scaled, 1.0 / eps, buffers).mul_(-eps)
 
-    def broadcast_to(self, batch):
-        return self if self.C.shape[0] == batch else self.with_tensors(self.C.expand(batch, -1, -1))
-
-    def to_dtype(self, dtype):
-        return self if self.C.dtype == dtype else self.with_tensors(self.C.to(dtype))
-
     def materialize(self):
-        return self.C
+        return self.C.to(self.dtype)

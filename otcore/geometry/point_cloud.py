@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from otcore._validation import check_finite
+from otcore.geometry.backend import resolve_backend
 from otcore.geometry.base import Geometry
 from otcore.geometry.costs import pairwise_cost, parse_cost
 
-_BACKENDS = ("auto", "torch")
+#: Cost codes of ``kernels.softmin_triton`` (kept here so that Triton is imported only on use).
+_KERNEL_COSTS = {"sqeuclidean": 1, "euclidean": 2}
 
 
 class PointCloud(Geometry):
@@ -22,7 +24,12 @@ class PointCloud(Geometry):
         y: target points (same d; same batch size, or one of the two unbatched).
         cost: ``"sqeuclidean"`` (|x - y|^2, no 1/2; default), ``"euclidean"``, ``"l1"`` or a
             number p >= 1 for the p-norm |x - y|_p.
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton for CUDA float32/float16/bfloat16 tensors when it imports,
+            torch otherwise), ``"torch"`` or ``"triton"`` (the kernels cover the sqeuclidean and
+            euclidean costs; on CPU tensors they need ``TRITON_INTERPRET=1``).
+
+    Clouds of different sizes share a batch by padding: give the padded points weight 0 (in
+    ``a`` / ``b``); they then take no part in any reduction.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, cost="sqeuclidean", backend: str = "auto"):
@@ -38,8 +45,6 @@ class PointCloud(Geometry):
             check_finite(name, t)
         if x.shape[-1] != y.shape[-1]:
             raise ValueError(f"x and y must have the same dimension d, got x: {tuple(x.shape)}, y: {tuple(y.shape)}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.batched = x.dim() == 3 or y.dim() == 3
         xb, yb = (x if x.dim() == 3 else x.unsqueeze(0)), (y if y.dim() == 3 else y.unsqueeze(0))
         if xb.shape[0] != yb.shape[0] and 1 not in (xb.shape[0], yb.shape[0]):
@@ -53,7 +58,8 @@ class PointCloud(Geometry):
         center = torch.cat([xb, yb], dim=1).mean(dim=1, keepdim=True).detach()
         self.x, self.y = xb - center, yb - center
         self.cost = parse_cost(cost)
-        self.backend = backend
+        unsupported = None if self.cost in _KERNEL_COSTS else f"no Triton kernel for the p-norm cost p={self.cost}"
+        self.backend = resolve_backend(backend, xb.device, dtype, unsupported)
 
     @property
     def shape(self):
@@ -64,17 +70,18 @@ class PointCloud(Geometry):
         return (self.x, self.y)
 
     def with_tensors(self, x: torch.Tensor, y: torch.Tensor) -> PointCloud:
-        new = object.__new__(PointCloud)
-        new.x, new.y, new.cost, new.batched, new.backend = x, y, self.cost, self.batched, self.backend
-        return new
+        return self._replace(x=x, y=y)
 
     def cost_rows(self, rows, transpose=False):
-        if transpose:
-            return pairwise_cost(self.y[:, rows], self.x, self.cost)
-        return pairwise_cost(self.x[:, rows], self.y, self.cost)
+        src, dst = (self.y, self.x) if transpose else (self.x, self.y)
+        return pairwise_cost(src[:, rows].to(self.dtype), dst.to(self.dtype), self.cost)
 
     def transpose(self):
         return self.with_tensors(self.y, self.x)
+
+    def kernel_operands(self, transpose):
+        src, dst = (self.y, self.x) if transpose else (self.x, self.y)
+        return src, dst, _KERNEL_COSTS[self.cost]
 
     def fill_scores(self, rows, buf, h, inv_eps, transpose):
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)
@@ -86,11 +93,3 @@ class PointCloud(Geometry):
             return xs.pow(2).sum(-1).mul_(-inv_eps)
         torch.add(h.unsqueeze(-2), pairwise_cost(xs, dst, self.cost), alpha=-inv_eps, out=buf)
         return None
-
-    def broadcast_to(self, batch):
-        if self.x.shape[0] == batch:
-            return self
-        return self.with_tensors(self.x.expand(batch, -1, -1), self.y.expand(batch, -1, -1))
-
-    def to_dtype(self, dtype):
-        return self if self.x.dtype == dtype else self.with_tensors(self.x.to(dtype), self.y.to(dtype))
