@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .availability import interpreting
+
 COST_DENSE, COST_SQEUCLIDEAN, COST_EUCLIDEAN = 0, 1, 2
 COEF_ONE, COEF_COST, COEF_DCOST = 0, 1, 2
 
@@ -47,11 +49,20 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _exact_bf16(t, ACC: tl.constexpr):
+    """bfloat16 operands as their exact float32 values (products and sums are then those of a
+    bfloat16 MMA with float32 accumulation): Triton's interpreter multiplies bfloat16 wrongly."""
+    if t.dtype == tl.bfloat16:
+        t = t.to(ACC)
+    return t
+
+
+@triton.jit
 def _cost_tile(
     A, Bp, SQA, SQB, pid_b, offs_m, offs_n, mask_m, mask_n, d,
     s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb,
     COST: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, SMALL_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, SMALL_D: tl.constexpr, PRECISION: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):
     """The (BLOCK_M, BLOCK_N) tile C[pid_b, offs_m, offs_n] in the accumulation dtype."""
     if COST == 0:  # dense: A is C with strides (batch, row, column)
@@ -74,6 +85,8 @@ def _cost_tile(
                              mask=mask_m[:, None] & mask_d[None, :], other=0.0)
                 bt = tl.load(b_rows[:, None] + (k0 + offs_d)[None, :] * s_bk,
                              mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                if EXACT_BF16:
+                    at, bt = _exact_bf16(at, ACC), _exact_bf16(bt, ACC)
                 dot = tl.dot(at, tl.trans(bt), dot, input_precision=PRECISION, out_dtype=ACC)
         sqa = tl.load(SQA + pid_b * s_qa + offs_m, mask=mask_m, other=0.0)
         sqb = tl.load(SQB + pid_b * s_qb + offs_n, mask=mask_n, other=0.0)
@@ -88,7 +101,7 @@ def _lse_kernel(
     A, Bp, SQA, SQB, S, INV_EPS, OUT, n, m, d,
     s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb, s_sb, s_ob,
     COST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SMALL_D: tl.constexpr, PRECISION: tl.constexpr,
+    SMALL_D: tl.constexpr, PRECISION: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):
     pid_m, pid_b = tl.program_id(0), tl.program_id(1)
     ACC = S.dtype.element_ty
@@ -102,7 +115,7 @@ def _lse_kernel(
         mask_n = offs_n < m
         c = _cost_tile(A, Bp, SQA, SQB, pid_b, offs_m, offs_n, mask_m, mask_n, d,
                        s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb,
-                       COST, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SMALL_D, PRECISION)
+                       COST, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SMALL_D, PRECISION, EXACT_BF16)
         s = tl.load(S + pid_b * s_sb + offs_n, mask=mask_n, other=float("-inf"))
         score = s[None, :] - c * inv_eps
         new_max = tl.maximum(run_max, tl.max(score, 1))
@@ -120,6 +133,7 @@ def _apply_kernel(
     COST: tl.constexpr, COEF: tl.constexpr, HAS_V: tl.constexpr, HAS_R: tl.constexpr, WANT_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SMALL_D: tl.constexpr,
     BLOCK_V: tl.constexpr, SMALL_V: tl.constexpr, PRECISION: tl.constexpr, V_PRECISION: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
 ):
     pid_m, pid_v, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ACC = S.dtype.element_ty
@@ -136,7 +150,7 @@ def _apply_kernel(
         mask_n = offs_n < m
         c = _cost_tile(A, Bp, SQA, SQB, pid_b, offs_m, offs_n, mask_m, mask_n, d,
                        s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb,
-                       COST, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SMALL_D, PRECISION)
+                       COST, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SMALL_D, PRECISION, EXACT_BF16)
         s = tl.load(S + pid_b * s_sb + offs_n, mask=mask_n, other=float("-inf"))
         w = tl.exp(tl.minimum(s[None, :] - c * inv_eps - row_shift[:, None], ceil))
         if COEF == 1:
@@ -162,7 +176,10 @@ def _apply_kernel(
                     acc = tl.where(tl.arange(0, BLOCK_V)[None, :] == t, acc + part[:, None], acc)
             else:
                 vt = tl.load(v_ptrs, mask=mask_n[:, None] & mask_v[None, :], other=0.0)
-                acc = tl.dot(w.to(vt.dtype), vt, acc, input_precision=V_PRECISION, out_dtype=ACC)
+                wt = w.to(vt.dtype)
+                if EXACT_BF16:
+                    wt, vt = _exact_bf16(wt, ACC), _exact_bf16(vt, ACC)
+                acc = tl.dot(wt, vt, acc, input_precision=V_PRECISION, out_dtype=ACC)
     if HAS_V:
         out_ptrs = OUT + pid_b * s_ob + offs_m[:, None] * s_oi + offs_v[None, :]
         tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_v[None, :])
@@ -210,7 +227,8 @@ def lse(a: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, eps: float, co
     grid = (triton.cdiv(n, BLOCK_M), B)
     _lse_kernel[grid](
         *ops, s, _inv_eps(eps, s.dtype, s.device), out, n, m, d, *strides, s.stride(0), out.stride(0),
-        COST=cost, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_dot_precision(a.dtype), **tiling,
+        COST=cost, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_dot_precision(a.dtype), EXACT_BF16=interpreting(),
+        **tiling,
     )
     return out
 
@@ -241,6 +259,7 @@ def apply(
         out.stride(0), out.stride(1), rows.stride(0),
         COST=cost, COEF=coef, HAS_V=v is not None, HAS_R=r is not None, WANT_ROWS=want_rows,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_V=block_v, SMALL_V=small_v,
-        PRECISION=_dot_precision(a.dtype), V_PRECISION=_dot_precision(v_arg.dtype), **tiling,
+        PRECISION=_dot_precision(a.dtype), V_PRECISION=_dot_precision(v_arg.dtype), EXACT_BF16=interpreting(),
+        **tiling,
     )
     return out, rows

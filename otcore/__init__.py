@@ -4,6 +4,7 @@ Cost first, weights optional (uniform when None), options as keywords; every inp
 leading batch dimension, and outputs keep the input's dtype and device.
 """
 
+from otcore.config import show_config
 from otcore.geometry import CostMatrix, Geometry, PointCloud
 from otcore.solvers import OTResult, SinkhornProgress, emd, sinkhorn, sinkhorn_divergence, sns
 from otcore.warnings import ConvergenceWarning
@@ -20,5 +21,6 @@ __all__ = [
     "emd",
     "sinkhorn",
     "sinkhorn_divergence",
+    "show_config",
     "sns",
 ]

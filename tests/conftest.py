@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 F64 = torch.float64
+#: Where the Triton kernels run: the GPU when there is one, else the CPU under Triton's interpreter
+#: (read when the kernels are first imported, so it must be set before any test uses them).
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if KERNEL_DEVICE.type == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def simplex(k: int, gen: torch.Generator, zeros: int = 0) -> torch.Tensor:

@@ -54,9 +54,13 @@ class PointCloud(Geometry):
         dtype = torch.promote_types(xb.dtype, yb.dtype)
         xb, yb = xb.to(dtype), yb.to(dtype)
         # Every supported cost is translation invariant: centring cuts the cancellation of the
-        # |x|^2 + |y|^2 - 2 x.y expansion (and changes no cost or gradient).
-        center = torch.cat([xb, yb], dim=1).mean(dim=1, keepdim=True).detach()
-        self.x, self.y = xb - center, yb - center
+        # |x|^2 + |y|^2 - 2 x.y expansion (and changes no cost or gradient). Half-precision points
+        # are kept exactly as given (centring would round them again); the expansion of exact
+        # half values is then accumulated in float32.
+        if dtype not in (torch.float16, torch.bfloat16):
+            center = torch.cat([xb, yb], dim=1).mean(dim=1, keepdim=True).detach()
+            xb, yb = xb - center, yb - center
+        self.x, self.y = xb, yb
         self.cost = parse_cost(cost)
         unsupported = None if self.cost in _KERNEL_COSTS else f"no Triton kernel for the p-norm cost p={self.cost}"
         self.backend = resolve_backend(backend, xb.device, dtype, unsupported)
