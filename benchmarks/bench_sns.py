@@ -35,7 +35,7 @@ def density_problem(kind: str):
     side = 400 if dim == 1 else 20
     axis = torch.linspace(0, 1, side, dtype=torch.float64)
     grid = axis[:, None] if dim == 1 else torch.cartesian_prod(axis, axis)
-    bump = lambda mu, s: torch.exp(-0.5 * ((grid - mu) ** 2).sum(-1) / s**2)  # noqa: E731
+    bump = lambda mu, s: torch.exp(-0.5 * ((grid - mu) ** 2).sum(-1) / s**2)
     a = bump(0.3, 0.1) + 0.5 * bump(0.7, 0.05) + 1e-3
     b = bump(0.6, 0.12) + 0.3 * bump(0.2, 0.04) + 1e-3
     C = torch.cdist(grid, grid, p=1) if p == 1.0 else torch.cdist(grid, grid) ** 2

@@ -6,7 +6,9 @@ does not do a task or run on a device, raises ``NotImplementedError``, which asv
 skip, never a failure.
 
 Tasks: ``sinkhorn`` (dense cost, to a marginal tolerance, or a fixed number of iterations with
-``tol=0``), ``sinkhorn_cloud`` (points), ``emd`` (exact), ``divergence`` (debiased, points).
+``tol=0``), ``sinkhorn_cloud`` (points), ``emd`` (exact), ``divergence`` (debiased, points),
+``sinkhorn_iterations`` (points, a fixed eps and number of iterations, optionally followed by
+the gradient of the value w.r.t. x; ``iterations(iters)`` says how many a run really did).
 """
 
 from __future__ import annotations
@@ -59,6 +61,19 @@ class Peer:
     def run(self, task: str, inputs, **options):
         return getattr(self, task)(*inputs, **options)
 
+    def iterations(self, iters: int) -> float:
+        """Sinkhorn iterations (two half-steps each) one ``sinkhorn_iterations`` run performs."""
+        return iters
+
+
+def _value_and_grad(loss_fn, x: torch.Tensor, grad: bool) -> torch.Tensor:
+    """``loss_fn(x)``, and its gradient w.r.t. x when ``grad`` (the forward + backward case)."""
+    xs = x.detach().requires_grad_(grad)
+    value = loss_fn(xs)
+    if grad:
+        torch.autograd.grad(value, xs)
+    return value
+
 
 class Otcore(Peer):
     name = "otcore"
@@ -77,6 +92,15 @@ class Otcore(Peer):
 
     def emd(self, C, a, b):
         return otcore.emd(C, a, b)
+
+    backend = "auto"
+
+    def sinkhorn_iterations(self, x, y, *, eps, iters, grad):
+        def loss(xs):
+            geom = otcore.PointCloud(xs, y, backend=self.backend)
+            return otcore.sinkhorn(geom, eps=eps, tol=1e-300, max_iter=iters, grad="envelope", warn=False).value
+
+        return _value_and_grad(loss, x, grad)
 
     def divergence(self, x, y, *, eps, tol):
         return otcore.sinkhorn_divergence(x, y, eps=eps, tol=tol, warn=False)
@@ -188,6 +212,92 @@ class SamplesLossPeer(Peer):
         return Summary(float(out) / self.cost_scale)
 
 
+class OtcoreTorch(Otcore):
+    """otcore forced onto its blocked pure-torch backend (the path the Triton kernels replace)."""
+
+    name = "otcore_torch"
+    backend = "torch"
+
+
+class FlashSinkhornAlternating(Peer):
+    """FlashSinkhorn's OTT-style alternating backend at a fixed eps and iteration count (CUDA)."""
+
+    name = "flash_sinkhorn_alt"
+    devices = ("cuda",)
+
+    def prepare(self, inputs):
+        require("flash_sinkhorn")
+        return list(inputs)
+
+    def sinkhorn_iterations(self, x, y, *, eps, iters, grad):
+        loss = require("flash_sinkhorn").SamplesLoss(
+            "sinkhorn", p=2, backend="alternating", use_epsilon_scaling=False, eps=eps, n_iters=iters,
+            debias=False, allow_tf32=torch.get_float32_matmul_precision() != "highest",
+        )
+        return _value_and_grad(lambda xs: loss(xs, y), x, grad)
+
+
+class TorchTensorized(Peer):
+    """Textbook log-domain Sinkhorn on a materialised cost: torch.logsumexp over (n, m).
+
+    The cost matrix is built in ``prepare`` (outside the timing), so this measures the
+    iterations alone; the gradient is the envelope one, through the final softmin.
+    """
+
+    name = "torch_tensorized"
+    devices = ("cpu", "cuda")
+
+    def prepare(self, inputs):
+        x, y = inputs
+        try:
+            sq = torch.cdist(x.float(), y.float()) ** 2
+        except torch.cuda.OutOfMemoryError as err:
+            raise NotImplementedError(f"the {x.shape[0]} x {y.shape[0]} cost does not fit: {err}") from err
+        return [x, y, sq]
+
+    def sinkhorn_iterations(self, x, y, C, *, eps, iters, grad):
+        n, m = C.shape
+        log_a, log_b = -math.log(n), -math.log(m)
+        g = torch.zeros(m, device=C.device)
+        for _ in range(iters):
+            f = -eps * torch.logsumexp((g - C) / eps + log_b, dim=1)
+            g = -eps * torch.logsumexp((f[:, None] - C) / eps + log_a, dim=0)
+
+        def value(xs):
+            cost = torch.cdist(xs.float(), y.float()) ** 2 if grad else C
+            return (f.mean() + g.mean()) - eps * torch.exp((f[:, None] + g - cost) / eps + log_a + log_b).sum() + eps
+
+        return _value_and_grad(value, x, grad)
+
+
+class GeomLossIterations(SamplesLossPeer):
+    """GeomLoss's ``SamplesLoss`` timed per iteration: its eps-scaling schedule from the cloud's
+    diameter down to eps has ``iterations`` steps (per-iteration cost does not depend on eps).
+    Its initial and final extrapolation softmins are not counted, which favours GeomLoss."""
+
+    SCALING = 0.5
+
+    def __init__(self):
+        super().__init__("geomloss", "geomloss", ("cpu", "cuda"), 0.5, backend="tensorized")
+        self.name = "geomloss_iter"
+
+    def prepare(self, inputs):
+        x, y = super().prepare(inputs)
+        self.diameter = float(torch.cdist(x[:512].float(), y[:512].float()).max()) * 2
+        return [x, y]
+
+    def sinkhorn_iterations(self, x, y, *, eps, iters, grad):
+        self.eps = eps
+        samples_loss = require(self.module).SamplesLoss
+        loss = samples_loss("sinkhorn", p=2, blur=math.sqrt(eps * self.cost_scale), debias=False,
+                            scaling=self.SCALING, diameter=self.diameter, backend=self.backend)
+        return _value_and_grad(lambda xs: loss(xs, y), x, grad)
+
+    def iterations(self, iters):
+        blur = math.sqrt(self.eps * self.cost_scale)
+        return 2 + math.ceil(math.log(self.diameter / blur) / math.log(1 / self.SCALING))
+
+
 class OtcoreSns(Otcore):
     name = "otcore_sns"
 
@@ -217,6 +327,10 @@ PEERS: dict[str, Peer] = {
     p.name: p
     for p in (
         Otcore(),
+        OtcoreTorch(),
+        FlashSinkhornAlternating(),
+        TorchTensorized(),
+        GeomLossIterations(),
         PotNumpy("sinkhorn_log"),
         PotTorch(),
         PotNumpy("sinkhorn"),

@@ -45,7 +45,7 @@ def tables(data: dict, benchmarks: dict, device: str | None) -> list[str]:
         values = dict(zip(itertools.product(*params), row[i_result]))
         impls = [p.strip("'") for p in params[0]]
         unit = meta.get("unit", "")
-        keep = [i for i, n in enumerate(names[1:], 1) if not (n == "device")]
+        keep = [i for i, n in enumerate(names[1:], 1) if n != "device"]
         header_rows = []
         for rest in itertools.product(*params[1:]):
             if device is not None and "device" in names and rest[names.index("device") - 1].strip("'") != device:

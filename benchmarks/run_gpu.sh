@@ -5,5 +5,5 @@
 set -euo pipefail
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
 asv machine --yes >/dev/null
-asv run --python=same --quick --show-stderr --set-commit-hash "$(git rev-parse HEAD)" -b "SinkhornDense|SinkhornIteration|SinkhornCloud|Divergence" "$@"
+asv run --python=same --quick --show-stderr --set-commit-hash "$(git rev-parse HEAD)" -b "SinkhornIterationGPU|SinkhornGradientGPU|SinkhornDense|SinkhornIteration|SinkhornCloud|Divergence" "$@"
 python -m benchmarks.report --device cuda --out benchmarks/RESULTS_gpu.md

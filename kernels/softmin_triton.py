@@ -157,7 +157,7 @@ def _apply_kernel(
             w = w * c
         if COEF == 2:
             if COST == 2:  # d|a - b| / da = (a - b) / |a - b|, and 0 at a = b
-                w = w * tl.where(c > 0.0, 1.0 / c, 0.0)
+                w = w * tl.where(c > 0.0, 1.0 / tl.where(c > 0.0, c, 1.0), 0.0)
             else:  # d|a - b|^2 / da = 2 (a - b)
                 w = w * 2.0
         if WANT_ROWS:
@@ -183,9 +183,8 @@ def _apply_kernel(
     if HAS_V:
         out_ptrs = OUT + pid_b * s_ob + offs_m[:, None] * s_oi + offs_v[None, :]
         tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_v[None, :])
-    if WANT_ROWS:
-        if pid_v == 0:
-            tl.store(ROWS + pid_b * s_wb + offs_m, rows, mask=mask_m)
+    if WANT_ROWS and pid_v == 0:
+        tl.store(ROWS + pid_b * s_wb + offs_m, rows, mask=mask_m)
 
 
 def _geometry_args(a: torch.Tensor, b: torch.Tensor | None, cost: int, acc: torch.dtype):
@@ -198,14 +197,14 @@ def _geometry_args(a: torch.Tensor, b: torch.Tensor | None, cost: int, acc: torc
         B, n, m = a.shape
         sq = torch.zeros(1, 1, dtype=acc, device=a.device)
         strides = (*a.stride(), 0, 0, 0, 0, 0)
-        return (B, n, m, 1), (a, a, sq, sq), strides, dict(BLOCK_D=1, SMALL_D=True)
+        return (B, n, m, 1), (a, a, sq, sq), strides, {"BLOCK_D": 1, "SMALL_D": True}
     B, n, d = a.shape
     m = b.shape[1]
     sqa, sqb = a.to(acc).pow(2).sum(-1), b.to(acc).pow(2).sum(-1)
     strides = (*a.stride(), *b.stride(), sqa.stride(0), sqb.stride(0))
     small = d < MIN_DOT
     block_d = d if small else min(triton.next_power_of_2(d), MAX_CHUNK)
-    return (B, n, m, d), (a, b, sqa, sqb), strides, dict(BLOCK_D=block_d, SMALL_D=small)
+    return (B, n, m, d), (a, b, sqa, sqb), strides, {"BLOCK_D": block_d, "SMALL_D": small}
 
 
 def _inv_eps(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -19,8 +19,8 @@ __all__ = [
     "PointCloud",
     "SinkhornProgress",
     "emd",
+    "show_config",
     "sinkhorn",
     "sinkhorn_divergence",
-    "show_config",
     "sns",
 ]

@@ -7,7 +7,7 @@ from conftest import F64, clouds, simplex
 import otcore
 
 MODES = ["implicit", "unroll", "envelope"]
-SOLVE = dict(eps=1.0, tol=1e-13, max_iter=5000)
+SOLVE = {"eps": 1.0, "tol": 1e-13, "max_iter": 5000}
 
 
 def check(fn, *inputs):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import F64, clouds, simplex, sqdist
 
 import otcore
-from conftest import F64, clouds, simplex, sqdist
 from otcore.solvers.problem import prepare_problem
 from otcore.solvers.sns import _DualState, newton_direction
 

@@ -43,7 +43,7 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
         fs.append(log["u"])
         gs.append(log["v"])
         ok.append(log["result_code"] == 1)
-    like = dict(dtype=C.dtype, device=C.device)
+    like = {"dtype": C.dtype, "device": C.device}
     plan = torch.as_tensor(np.stack(plans), **like)
     f = torch.as_tensor(np.stack(fs), **like)
     g = torch.as_tensor(np.stack(gs), **like)
