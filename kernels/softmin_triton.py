@@ -1,7 +1,8 @@
 """Triton kernels of the softmin primitive: a streaming log-sum-exp and plan products, tiled.
 
 For a batch of cost matrices C (B, n, m), each program owns BLOCK_M rows and streams over the
-columns in tiles of BLOCK_N, so no more than a (BLOCK_M, BLOCK_N) tile of C ever exists:
+columns in tiles of BLOCK_N (both autotuned on GPUs), so no more than a (BLOCK_M, BLOCK_N) tile
+of C ever exists:
 
 * ``lse``:   lse_i = log sum_j exp(S_j - C_ij / eps)                     (running max and sum)
 * ``apply``: out_i  = sum_j exp(min(S_j - C_ij / eps - L_i, ceil)) k_ij V_j     (B, n, k)
@@ -34,8 +35,15 @@ from .availability import interpreting
 COST_DENSE, COST_SQEUCLIDEAN, COST_EUCLIDEAN = 0, 1, 2
 COEF_ONE, COEF_COST, COEF_DCOST = 0, 1, 2
 
-#: Rows per program and columns per tile.
-BLOCK_M, BLOCK_N = 64, 64
+
+
+def _tile_configs() -> list[triton.Config]:
+    """Tile shapes the autotuner tries on a GPU (re-tuned per (n, m, d)); one under the interpreter."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
+    shapes = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2), (32, 64, 4, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
+
 #: Widths below this (point dimension d, columns k of V) use FMA rank-1 updates instead of tl.dot.
 MIN_DOT = 16
 #: Largest chunk of d (or of the columns of V) one tl.dot covers.
@@ -96,6 +104,7 @@ def _cost_tile(
     return c
 
 
+@triton.autotune(configs=_tile_configs(), key=["n", "m", "d"])
 @triton.jit
 def _lse_kernel(
     A, Bp, SQA, SQB, S, INV_EPS, OUT, n, m, d,
@@ -126,6 +135,7 @@ def _lse_kernel(
     tl.store(OUT + pid_b * s_ob + offs_m, lse, mask=mask_m)
 
 
+@triton.autotune(configs=_tile_configs(), key=["n", "m", "d", "k"])
 @triton.jit
 def _apply_kernel(
     A, Bp, SQA, SQB, S, L, V, R, INV_EPS, OUT, ROWS, n, m, d, k, ceil,
@@ -223,10 +233,12 @@ def lse(a: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, eps: float, co
     """
     (B, n, m, d), ops, strides, tiling = _geometry_args(a, b, cost, s.dtype)
     out = torch.empty(B, n, dtype=s.dtype, device=s.device)
-    grid = (triton.cdiv(n, BLOCK_M), B)
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_M"]), B)
+
     _lse_kernel[grid](
         *ops, s, _inv_eps(eps, s.dtype, s.device), out, n, m, d, *strides, s.stride(0), out.stride(0),
-        COST=cost, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_dot_precision(a.dtype), EXACT_BF16=interpreting(),
+        COST=cost, PRECISION=_dot_precision(a.dtype), EXACT_BF16=interpreting(),
         **tiling,
     )
     return out
@@ -251,13 +263,15 @@ def apply(
     v_arg = s if v is None else v
     v_strides = (0, 0, 0) if v is None else v.stride()
     r_arg = s if r is None else r
-    grid = (triton.cdiv(n, BLOCK_M), 1 if small_v else triton.cdiv(k, block_v), B)
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_M"]), 1 if small_v else triton.cdiv(k, block_v), B)
+
     _apply_kernel[grid](
         *ops, s, l, v_arg, r_arg, _inv_eps(eps, acc, s.device), out, rows, n, m, d, k, ceil,
         *strides, s.stride(0), l.stride(0), *v_strides, 0 if r is None else r.stride(0),
         out.stride(0), out.stride(1), rows.stride(0),
         COST=cost, COEF=coef, HAS_V=v is not None, HAS_R=r is not None, WANT_ROWS=want_rows,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_V=block_v, SMALL_V=small_v,
+        BLOCK_V=block_v, SMALL_V=small_v,
         PRECISION=_dot_precision(a.dtype), V_PRECISION=_dot_precision(v_arg.dtype), EXACT_BF16=interpreting(),
         **tiling,
     )
