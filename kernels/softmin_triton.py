@@ -104,6 +104,23 @@ def _cost_tile(
     return c
 
 
+@triton.jit
+def _score_tile(
+    A, Bp, SQA, SQB, S, pid_b, n0, offs_m, mask_m, m, d, inv_eps,
+    s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb, s_sb,
+    COST: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SMALL_D: tl.constexpr, PRECISION: tl.constexpr, EXACT_BF16: tl.constexpr,
+):
+    """Columns n0 .. n0 + BLOCK_N of the row block: (s_j - C_ij / eps, C_ij, offs_n, mask_n)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < m
+    c = _cost_tile(A, Bp, SQA, SQB, pid_b, offs_m, offs_n, mask_m, mask_n, d,
+                   s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb,
+                   COST, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SMALL_D, PRECISION, EXACT_BF16)
+    s = tl.load(S + pid_b * s_sb + offs_n, mask=mask_n, other=float("-inf"))
+    return s[None, :] - c * inv_eps, c, offs_n, mask_n
+
+
 @triton.autotune(configs=_tile_configs(), key=["n", "m", "d"])
 @triton.jit
 def _lse_kernel(
@@ -120,13 +137,10 @@ def _lse_kernel(
     run_max = tl.full([BLOCK_M], float("-inf"), ACC)
     run_sum = tl.zeros([BLOCK_M], ACC)
     for n0 in range(0, m, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < m
-        c = _cost_tile(A, Bp, SQA, SQB, pid_b, offs_m, offs_n, mask_m, mask_n, d,
-                       s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb,
-                       COST, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SMALL_D, PRECISION, EXACT_BF16)
-        s = tl.load(S + pid_b * s_sb + offs_n, mask=mask_n, other=float("-inf"))
-        score = s[None, :] - c * inv_eps
+        score, c, offs_n, mask_n = _score_tile(
+            A, Bp, SQA, SQB, S, pid_b, n0, offs_m, mask_m, m, d, inv_eps,
+            s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb, s_sb,
+            COST, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SMALL_D, PRECISION, EXACT_BF16)
         new_max = tl.maximum(run_max, tl.max(score, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # all -inf so far: nothing to shift
         run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(score - shift[:, None]), 1)
@@ -156,13 +170,11 @@ def _apply_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_V], ACC)
     rows = tl.zeros([BLOCK_M], ACC)
     for n0 in range(0, m, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < m
-        c = _cost_tile(A, Bp, SQA, SQB, pid_b, offs_m, offs_n, mask_m, mask_n, d,
-                       s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb,
-                       COST, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SMALL_D, PRECISION, EXACT_BF16)
-        s = tl.load(S + pid_b * s_sb + offs_n, mask=mask_n, other=float("-inf"))
-        w = tl.exp(tl.minimum(s[None, :] - c * inv_eps - row_shift[:, None], ceil))
+        score, c, offs_n, mask_n = _score_tile(
+            A, Bp, SQA, SQB, S, pid_b, n0, offs_m, mask_m, m, d, inv_eps,
+            s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb, s_sb,
+            COST, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SMALL_D, PRECISION, EXACT_BF16)
+        w = tl.exp(tl.minimum(score - row_shift[:, None], ceil))
         if COEF == 1:
             w = w * c
         if COEF == 2:
