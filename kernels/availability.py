@@ -16,7 +16,7 @@ def triton_import_error() -> str | None:
     """Why ``import triton`` fails (None when it works). Imports Triton on the first call."""
     try:
         import triton  # noqa: F401
-    except Exception as err:  # ImportError, or a broken install raising something else
+    except Exception as err:  # noqa: BLE001 (ImportError, or a broken install raising anything)
         return f"triton does not import ({type(err).__name__}: {err})"
     return None
 

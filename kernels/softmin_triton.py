@@ -137,7 +137,7 @@ def _lse_kernel(
     run_max = tl.full([BLOCK_M], float("-inf"), ACC)
     run_sum = tl.zeros([BLOCK_M], ACC)
     for n0 in range(0, m, BLOCK_N):
-        score, c, offs_n, mask_n = _score_tile(
+        score, _, _, _ = _score_tile(
             A, Bp, SQA, SQB, S, pid_b, n0, offs_m, mask_m, m, d, inv_eps,
             s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb, s_sb,
             COST, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SMALL_D, PRECISION, EXACT_BF16)
