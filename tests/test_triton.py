@@ -243,3 +243,14 @@ def test_torch_compile_keeps_the_kernels_whole(gen):
         value = fn(*leaves)
         results.append([value.detach(), *torch.autograd.grad(value, leaves)])
     _assert_same(results[0], results[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("hessian", ["sparse", "dense"])
+def test_sns_runs_on_the_kernels(hessian, gen):
+    """SNS's warm-up softmins and (Hessian-free) CG plan products go through the kernels."""
+    x, y = _points((20, 2), gen), _points((25, 2), gen, shift=1.0)
+    plans = [
+        otcore.sns(PointCloud(x, y, backend=backend), eps=0.05, tol=1e-10, hessian=hessian).plan
+        for backend in ("torch", "triton")
+    ]
+    torch.testing.assert_close(plans[1], plans[0], rtol=0, atol=1e-12)
