@@ -5,6 +5,7 @@
 * ``softmin_triton``: the Triton kernels (streaming log-sum-exp and plan products).
 * ``ops``: those kernels as ``torch.library`` custom ops, with the softmin's fused backward.
 * ``availability``: whether Triton can run here, answered without importing it at package import.
+* ``codes``: the cost and coefficient codes the geometries pass to the kernels.
 
 Only ``reference`` and ``availability`` are imported here; the geometry imports ``ops`` (and with
 it Triton) the first time a Triton-backed softmin runs. Nothing in this package imports otcore.

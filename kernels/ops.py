@@ -30,6 +30,7 @@ import torch
 from torch.library import custom_op
 
 from . import softmin_triton as kt
+from .codes import COEF_COST, COEF_DCOST, COEF_ONE, COST_DENSE, COST_SQEUCLIDEAN
 from .reference import EXP_CEIL
 
 INF = float("inf")
@@ -81,31 +82,31 @@ def _backward(ctx, grad):
     need_a, need_b, need_h, need_w = ctx.needs_input_grad[:4]
     grad = grad.to(h.dtype)
     grad_a = grad_b = grad_h = grad_w = None
-    dense = cost == kt.COST_DENSE
+    dense = cost == COST_DENSE
     if need_a:
         s = _scores(h, w, eps)
         if dense:
             grad_a = _dense_cost_grad(a, s, lse, grad, eps)
         else:
-            ys, rows = plan_apply(a, b, s, lse, b, None, eps, cost, kt.COEF_DCOST, INF, True)
+            ys, rows = plan_apply(a, b, s, lse, b, None, eps, cost, COEF_DCOST, INF, True)
             grad_a = -(grad / eps).unsqueeze(-1) * (rows.unsqueeze(-1) * a.to(ys.dtype) - ys)
             grad_a = grad_a.to(a.dtype)
     if need_b or need_h or need_w:
         # the same sums over the rows i, as plan products of the transposed problem
         at, bt = (a.mT, None) if dense else (b, a)
         weighted_points = grad.unsqueeze(-1) * a.to(grad.dtype) if (need_b and not dense) else None
-        coef = kt.COEF_DCOST if weighted_points is not None else kt.COEF_ONE
+        coef = COEF_DCOST if weighted_points is not None else COEF_ONE
         xs, us = plan_apply(at, bt, -lse, -h / eps, weighted_points, grad, eps, cost, coef, EXP_CEIL, True)
         ww = torch.ones_like(h) if w is None else w.to(h.dtype)
         if weighted_points is not None:
             grad_b = (-(ww / eps).unsqueeze(-1) * (us.unsqueeze(-1) * b.to(xs.dtype) - xs)).to(b.dtype)
         if need_h or need_w:
-            if coef == kt.COEF_ONE:
+            if coef == COEF_ONE:
                 totals = us
-            elif cost == kt.COST_SQEUCLIDEAN:  # k_ij = 2 everywhere
+            elif cost == COST_SQEUCLIDEAN:  # k_ij = 2 everywhere
                 totals = us / 2
             else:
-                _, totals = plan_apply(at, bt, -lse, -h / eps, None, grad, eps, cost, kt.COEF_ONE, EXP_CEIL, True)
+                _, totals = plan_apply(at, bt, -lse, -h / eps, None, grad, eps, cost, COEF_ONE, EXP_CEIL, True)
             grad_h = ww * totals / eps if need_h else None
             grad_w = totals.to(w.dtype) if need_w else None
     return grad_a, grad_b, grad_h, grad_w, None, None
@@ -128,11 +129,11 @@ def softmin(a, b, cost: int, h, w, eps: float) -> torch.Tensor:
 
 def kernel_apply(a, b, cost: int, f, g, w, v, eps: float) -> torch.Tensor:
     """``sum_j w_j exp((f_i + g_j - C_ij)/eps) v_jk``: (B, n, k) (no autograd)."""
-    out, _ = plan_apply(a, b, _scores(g, w, eps), -f / eps, v.to(f.dtype), None, eps, cost, kt.COEF_ONE, INF, False)
+    out, _ = plan_apply(a, b, _scores(g, w, eps), -f / eps, v.to(f.dtype), None, eps, cost, COEF_ONE, INF, False)
     return out
 
 
 def kernel_cost(a, b, cost: int, f, g, w, eps: float) -> torch.Tensor:
     """``sum_j w_j exp((f_i + g_j - C_ij)/eps) C_ij``: (B, n) (no autograd)."""
-    _, rows = plan_apply(a, b, _scores(g, w, eps), -f / eps, None, None, eps, cost, kt.COEF_COST, INF, True)
+    _, rows = plan_apply(a, b, _scores(g, w, eps), -f / eps, None, None, eps, cost, COEF_COST, INF, True)
     return rows

@@ -31,10 +31,7 @@ import triton
 import triton.language as tl
 
 from .availability import interpreting
-
-COST_DENSE, COST_SQEUCLIDEAN, COST_EUCLIDEAN = 0, 1, 2
-COEF_ONE, COEF_COST, COEF_DCOST = 0, 1, 2
-
+from .codes import COST_DENSE
 
 
 def _tile_configs() -> list[triton.Config]:
@@ -73,7 +70,7 @@ def _cost_tile(
     BLOCK_D: tl.constexpr, SMALL_D: tl.constexpr, PRECISION: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):
     """The (BLOCK_M, BLOCK_N) tile C[pid_b, offs_m, offs_n] in the accumulation dtype."""
-    if COST == 0:  # dense: A is C with strides (batch, row, column)
+    if COST == 0:  # COST_DENSE: A is C with strides (batch, row, column)
         ptrs = A + pid_b * s_ab + offs_m[:, None] * s_ai + offs_n[None, :] * s_ak
         c = tl.load(ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(ACC)
     else:
@@ -99,7 +96,7 @@ def _cost_tile(
         sqa = tl.load(SQA + pid_b * s_qa + offs_m, mask=mask_m, other=0.0)
         sqb = tl.load(SQB + pid_b * s_qb + offs_n, mask=mask_n, other=0.0)
         c = tl.maximum(sqa[:, None] + sqb[None, :] - 2.0 * dot, 0.0)
-        if COST == 2:
+        if COST == 2:  # COST_EUCLIDEAN
             c = tl.sqrt(c)
     return c
 
@@ -175,10 +172,10 @@ def _apply_kernel(
             s_ab, s_ai, s_ak, s_bb, s_bj, s_bk, s_qa, s_qb, s_sb,
             COST, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SMALL_D, PRECISION, EXACT_BF16)
         w = tl.exp(tl.minimum(score - row_shift[:, None], ceil))
-        if COEF == 1:
+        if COEF == 1:  # COEF_COST
             w = w * c
-        if COEF == 2:
-            if COST == 2:  # d|a - b| / da = (a - b) / |a - b|, and 0 at a = b
+        if COEF == 2:  # COEF_DCOST
+            if COST == 2:  # COST_EUCLIDEAN: d|a - b| / da = (a - b) / |a - b|, and 0 at a = b
                 w = w * tl.where(c > 0.0, 1.0 / tl.where(c > 0.0, c, 1.0), 0.0)
             else:  # d|a - b|^2 / da = 2 (a - b)
                 w = w * 2.0

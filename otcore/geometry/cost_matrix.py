@@ -8,9 +8,7 @@ from otcore._validation import check_finite
 from otcore.geometry.backend import resolve_backend
 from otcore.geometry.base import Geometry
 from otcore.kernels import reference
-
-#: ``kernels.softmin_triton.COST_DENSE``.
-_KERNEL_DENSE = 0
+from otcore.kernels.codes import COST_DENSE
 
 
 class CostMatrix(Geometry):
@@ -55,7 +53,7 @@ class CostMatrix(Geometry):
         return self.with_tensors(self.C.mT)
 
     def kernel_operands(self, transpose):
-        return (self.C.mT if transpose else self.C), None, _KERNEL_DENSE
+        return (self.C.mT if transpose else self.C), None, COST_DENSE
 
     def fused_layout(self, transpose):
         return -2 if transpose else -1

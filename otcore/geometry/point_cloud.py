@@ -8,9 +8,7 @@ from otcore._validation import check_finite
 from otcore.geometry.backend import resolve_backend
 from otcore.geometry.base import Geometry
 from otcore.geometry.costs import pairwise_cost, parse_cost
-
-#: Cost codes of ``kernels.softmin_triton`` (kept here so that Triton is imported only on use).
-_KERNEL_COSTS = {"sqeuclidean": 1, "euclidean": 2}
+from otcore.kernels.codes import POINT_COSTS
 
 
 class PointCloud(Geometry):
@@ -62,7 +60,7 @@ class PointCloud(Geometry):
             xb, yb = xb - center, yb - center
         self.x, self.y = xb, yb
         self.cost = parse_cost(cost)
-        unsupported = None if self.cost in _KERNEL_COSTS else f"no Triton kernel for the p-norm cost p={self.cost}"
+        unsupported = None if self.cost in POINT_COSTS else f"no Triton kernel for the p-norm cost p={self.cost}"
         self.backend = resolve_backend(backend, xb.device, dtype, unsupported)
 
     @property
@@ -85,7 +83,7 @@ class PointCloud(Geometry):
 
     def kernel_operands(self, transpose):
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)
-        return src, dst, _KERNEL_COSTS[self.cost]
+        return src, dst, POINT_COSTS[self.cost]
 
     def fill_scores(self, rows, buf, h, inv_eps, transpose):
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)
