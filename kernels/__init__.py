@@ -1,16 +1,11 @@
 """Compute kernels behind the geometry's softmin (installed as ``otcore.kernels``).
 
-* ``reference``: the pure-torch implementation, blocked and buffer-reusing; the CPU path and the
-  oracle the Triton kernels are tested against.
-* ``softmin_triton``: the Triton kernels (streaming log-sum-exp and plan products).
-* ``ops``: those kernels as ``torch.library`` custom ops, with the softmin's fused backward.
-* ``availability``: whether Triton can run here, answered without importing it at package import.
-* ``codes``: the cost and coefficient codes the geometries pass to the kernels.
-
-Only ``reference`` and ``availability`` are imported here; the geometry imports ``ops`` (and with
-it Triton) the first time a Triton-backed softmin runs. Nothing in this package imports otcore.
+One folder per op (``softmin/``: naive oracle, blocked torch path, Triton kernels, custom op),
+plus ``availability`` (whether Triton can run here, answered without importing it at package
+import) and ``codes`` (the cost and coefficient codes the geometries pass to the kernels).
+Nothing in this package imports otcore.
 """
 
-from . import availability, reference
+from . import availability, codes, softmin
 
-__all__ = ["availability", "reference"]
+__all__ = ["availability", "codes", "softmin"]

@@ -4,12 +4,16 @@ Cost first, weights optional (uniform when None), options as keywords; every inp
 leading batch dimension, and outputs keep the input's dtype and device.
 """
 
-from otcore.config import show_config
+from importlib import metadata
+
+from otcore.core import OTResult, SinkhornProgress
 from otcore.geometry import CostMatrix, Geometry, PointCloud
-from otcore.solvers import OTResult, SinkhornProgress, emd, sinkhorn, sinkhorn_divergence, sns
+from otcore.geometry.backends import show_config
+from otcore.losses import sinkhorn_divergence
+from otcore.solvers import emd, sinkhorn, sns
 from otcore.warnings import ConvergenceWarning
 
-__version__ = "0.1.0"
+__version__ = metadata.version("otcore")
 
 __all__ = [
     "ConvergenceWarning",

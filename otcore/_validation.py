@@ -41,12 +41,14 @@ def mass_rtol(dtype: torch.dtype) -> float:
 
 
 def prepare_weights(
-    name: str, w: torch.Tensor | None, batch: int, n: int, dtype: torch.dtype, device: torch.device
+    name: str, w: torch.Tensor | None, *, batch: int, n: int, dtype: torch.dtype, device: torch.device,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Validate weights against a problem of ``batch`` x ``n`` points; return (batch, n).
 
     None means uniform ``1/n``. Accepts (n,) (shared by the batch) or (batch, n). Weights must be
-    finite, non-negative and of positive mass; zeros are allowed.
+    finite, non-negative and of positive mass; zeros are allowed. ``validate=False`` keeps the
+    shape checks and skips those that read values (no host synchronisation).
     """
     if w is None:
         if n == 0:
@@ -58,20 +60,42 @@ def prepare_weights(
         w = w.unsqueeze(0).expand(batch, -1)
     if w.dim() != 2 or w.shape[-1] != n or w.shape[0] not in (1, batch):
         raise ValueError(f"{name} has shape {tuple(w.shape)}, expected ({n},) or ({batch}, {n}) to match the cost")
-    check_finite(name, w)
-    if bool((w < 0).any()):
-        raise ValueError(f"{name} has negative entries (min {float(w.min()):.3g}); weights must be >= 0")
-    if bool((w.sum(-1) <= 0).any()):
-        raise ValueError(f"{name} has zero total mass; at least one weight must be > 0")
+    if validate:
+        check_finite(name, w)
+        if bool((w < 0).any()):
+            raise ValueError(f"{name} has negative entries (min {float(w.min()):.3g}); weights must be >= 0")
+        if bool((w.sum(-1) <= 0).any()):
+            raise ValueError(f"{name} has zero total mass; at least one weight must be > 0")
     return w.expand(batch, n).to(device=device, dtype=dtype)
 
 
-def check_equal_mass(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Raise if a balanced problem's marginals have different total masses (dtype-scaled rtol)."""
-    ma, mb = a.sum(-1), b.sum(-1)
+def check_equal_mass(ma: torch.Tensor, mb: torch.Tensor) -> None:
+    """Raise if a balanced problem's total masses (B,) differ beyond a dtype-scaled rtol."""
     gap = (ma - mb).abs()
-    if bool((gap > mass_rtol(a.dtype) * torch.maximum(ma, mb)).any()):
+    if bool((gap > mass_rtol(ma.dtype) * torch.maximum(ma, mb)).any()):
         raise ValueError(
             f"a and b must have equal total mass in a balanced problem (tau_a = tau_b = 1); "
             f"got sum(a) = {ma.tolist()} and sum(b) = {mb.tolist()}. Normalise them or use tau < 1."
         )
+
+
+def check_tol(value: float) -> float:
+    """Raise unless ``value`` is a finite number >= 0 (0: no stopping test); returns it as float."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"tol must be a number >= 0, got {value!r}") from err
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"tol must be finite and >= 0 (0: run exactly max_iter iterations), got {value!r}")
+    return v
+
+
+def check_max_iter(name: str, value: int, minimum: int = 1) -> int:
+    """Raise unless ``value`` is an integer >= ``minimum``; returns it as int."""
+    try:
+        ok = not isinstance(value, bool) and float(value).is_integer() and int(value) >= minimum
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import F64, clouds, simplex, sqdist
-from otcore.kernels import reference
+from otcore.kernels.softmin import blocked
 
 from otcore import CostMatrix, PointCloud
 
@@ -34,7 +34,7 @@ def test_softmin_matches_dense_logsumexp(gen, axis, kind, eps):
 
 def test_fused_and_differentiable_paths_agree(gen, monkeypatch):
     """Small blocks force many blocks; the checkpointed path must equal the fused one."""
-    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 64)
     x, y = clouds(50, 40, 2, gen)
     geom = PointCloud(x, y)
     h = torch.randn(1, 40, generator=gen, dtype=F64)

@@ -5,8 +5,8 @@ import torch
 from conftest import F64, clouds, simplex, sqdist
 
 import otcore
-from otcore.solvers.problem import prepare_problem
-from otcore.solvers.sns import _DualState, newton_direction
+from otcore.core.problem import prepare_problem
+from otcore.solvers.entropic.sns import _DualState, newton_direction
 
 
 @pytest.mark.parametrize("hessian", ["sparse", "dense"])

@@ -16,7 +16,7 @@ from conftest import F64, KERNEL_DEVICE, simplex
 
 import otcore
 from otcore.geometry import CostMatrix, PointCloud
-from otcore.geometry import backend as backend_module
+from otcore.geometry import backends as backend_module
 
 DEV = KERNEL_DEVICE
 SIZES = [(1, 7), (7, 129), (129, 1)]

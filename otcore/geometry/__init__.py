@@ -7,8 +7,8 @@ from otcore.geometry.point_cloud import PointCloud
 __all__ = ["CostMatrix", "Geometry", "PointCloud", "as_geometry"]
 
 
-def as_geometry(cost) -> Geometry:
-    """A geometry as given, or a tensor read as a ``CostMatrix``."""
+def as_geometry(cost, *, validate: bool = True) -> Geometry:
+    """A geometry as given, or a tensor read as a ``CostMatrix`` (finite-checked when ``validate``)."""
     if isinstance(cost, Geometry):
         return cost
-    return CostMatrix(cost)
+    return CostMatrix(cost, validate=validate)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from otcore._validation import check_finite
-from otcore.geometry.backend import resolve_backend
+from otcore.geometry.backends import resolve_backend
 from otcore.geometry.base import Geometry
-from otcore.kernels import reference
+from otcore.kernels.softmin import blocked
 from otcore.kernels.codes import COST_DENSE
 
 
@@ -19,9 +19,12 @@ class CostMatrix(Geometry):
         backend: ``"auto"`` (Triton for CUDA float32/float16/bfloat16 costs when it imports,
             torch otherwise), ``"torch"`` or ``"triton"`` (on CPU tensors it needs
             ``TRITON_INTERPRET=1``).
+        validate: check that C is finite (a host synchronisation); ``False`` skips the check.
     """
 
-    def __init__(self, C: torch.Tensor, backend: str = "auto"):
+    holds_costs = True
+
+    def __init__(self, C: torch.Tensor, backend: str = "auto", *, validate: bool = True):
         if not torch.is_tensor(C):
             raise ValueError(f"C must be a torch.Tensor, got {type(C).__name__}")
         if C.dim() not in (2, 3):
@@ -30,7 +33,8 @@ class CostMatrix(Geometry):
             raise ValueError(f"C is empty: shape {tuple(C.shape)}")
         if not C.is_floating_point():
             raise ValueError(f"C must be a floating tensor, got {C.dtype}")
-        check_finite("C", C)
+        if validate:
+            check_finite("C", C)
         self.batched = C.dim() == 3
         self.C = C if self.batched else C.unsqueeze(0)
         self.backend = resolve_backend(backend, C.device, C.dtype, None)
@@ -64,11 +68,10 @@ class CostMatrix(Geometry):
         else:
             torch.add(h.unsqueeze(-2), self.C[:, rows], alpha=-inv_eps, out=buf)
 
-    def _softmin_nograd(self, scaled, eps, transpose):
+    def stream_lse(self, scaled, inv_eps, transpose):
         if not transpose:
-            return super()._softmin_nograd(scaled, eps, transpose)
-        buffers = reference.Buffers(self.dtype, self.device)
-        return reference.column_lse(self.C, scaled, 1.0 / eps, buffers).mul_(-eps)
+            return None
+        return blocked.column_lse(self.C, scaled, inv_eps, blocked.Buffers(self.dtype, self.device))
 
     def materialize(self):
         return self.C.to(self.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from otcore._validation import check_finite
-from otcore.geometry.backend import resolve_backend
+from otcore.geometry.backends import resolve_backend
 from otcore.geometry.base import Geometry
 from otcore.geometry.costs import pairwise_cost, parse_cost
 from otcore.kernels.codes import POINT_COSTS
@@ -25,12 +25,14 @@ class PointCloud(Geometry):
         backend: ``"auto"`` (Triton for CUDA float32/float16/bfloat16 tensors when it imports,
             torch otherwise), ``"torch"`` or ``"triton"`` (the kernels cover the sqeuclidean and
             euclidean costs; on CPU tensors they need ``TRITON_INTERPRET=1``).
+        validate: check that the points are finite (a host synchronisation); ``False`` skips it.
 
     Clouds of different sizes share a batch by padding: give the padded points weight 0 (in
     ``a`` / ``b``); they then take no part in any reduction.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, cost="sqeuclidean", backend: str = "auto"):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, cost="sqeuclidean", backend: str = "auto", *,
+                 validate: bool = True):
         for name, t in (("x", x), ("y", y)):
             if not torch.is_tensor(t):
                 raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -40,7 +42,8 @@ class PointCloud(Geometry):
                 raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
             if not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
-            check_finite(name, t)
+            if validate:
+                check_finite(name, t)
         if x.shape[-1] != y.shape[-1]:
             raise ValueError(f"x and y must have the same dimension d, got x: {tuple(x.shape)}, y: {tuple(y.shape)}")
         self.batched = x.dim() == 3 or y.dim() == 3

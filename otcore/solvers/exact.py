@@ -6,13 +6,14 @@ import numpy as np
 import ot
 import torch
 
-from otcore.solvers.plan import DensePlan
-from otcore.solvers.problem import prepare_problem, warn_not_converged
-from otcore.solvers.result import OTResult
+from otcore._validation import check_max_iter
+from otcore.core.plan import DensePlan
+from otcore.core.problem import prepare_problem, warn_not_converged
+from otcore.core.result import OTResult
 
 
 def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, max_iter: int = 1_000_000,
-        warn: bool = True) -> OTResult:
+        warn: bool = True, validate: bool = True) -> OTResult:
     """Exact OT: ``min_P <P, C>`` over couplings of a and b (network simplex, POT's ``ot.emd``).
 
     The solve runs on the CPU in float64; results come back in the input's dtype and device.
@@ -24,11 +25,13 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
         a, b: weights as in ``sinkhorn`` (None: uniform); equal total masses.
         max_iter: network-simplex iteration cap.
         warn: one ``ConvergenceWarning`` if the simplex stopped before optimality.
+        validate: check input values as in ``sinkhorn`` (the solve itself runs on the host).
 
     Returns:
         ``OTResult`` with ``eps=None``; ``n_iter`` is 0 (the simplex does not report it).
     """
-    problem = prepare_problem(cost, a, b, balanced=True)
+    max_iter = check_max_iter("max_iter", max_iter)
+    problem = prepare_problem(cost, a, b, balanced=True, validate=validate)
     geom, a, b = problem.geom, problem.a, problem.b
     C = geom.materialize()
     B = C.shape[0]
@@ -38,7 +41,7 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
         bk = b[k].detach().cpu().double().numpy()
         bk = bk * (ak.sum() / bk.sum())  # equal to the last bit, as the simplex requires
         Ck = np.ascontiguousarray(C[k].detach().cpu().double().numpy())
-        G, log = ot.emd(ak, bk, Ck, numItermax=int(max_iter), log=True)
+        G, log = ot.emd(ak, bk, Ck, numItermax=max_iter, log=True)
         plans.append(G)
         fs.append(log["u"])
         gs.append(log["v"])
@@ -48,9 +51,10 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
     f = torch.as_tensor(np.stack(fs), **like)
     g = torch.as_tensor(np.stack(gs), **like)
     converged = torch.tensor(ok, device=C.device)
-    warn_not_converged("emd", converged, torch.zeros_like(converged), int(max_iter), warn)
+    if warn:
+        warn_not_converged("emd", converged=converged, failed=torch.zeros_like(converged), max_iter=max_iter)
     # <P*, C> with the optimal plan held fixed, plus first-order terms in the weights (duals).
     value = (plan * C).sum((-2, -1)) + ((a - a.detach()) * f).sum(-1) + ((b - b.detach()) * g).sum(-1)
-    out = problem.out_dtype
     n_iter = torch.zeros(B, dtype=torch.int64, device=C.device)
-    return OTResult(f.to(out), g.to(out), value.to(out), n_iter, converged, DensePlan(plan, C), a, b, problem.batched)
+    return problem.result(f=f, g=g, value=value, n_iter=n_iter, converged=converged,
+                          operator=DensePlan(geom, a, b, plan, C))

@@ -26,12 +26,14 @@ import warnings
 
 import torch
 
-from otcore._validation import check_positive
-from otcore.solvers.implicit import conjugate_gradient
-from otcore.solvers.plan import DensePlan, EntropicPlan
-from otcore.solvers.problem import prepare_problem, warn_not_converged
-from otcore.solvers.result import OTResult
-from otcore.solvers.sinkhorn import attach_implicit, default_tol, dual_value, sinkhorn
+from otcore._validation import check_max_iter, check_positive, check_tol
+from otcore.core.implicit import FixedPoint, default_rtol, implicit_potentials, needs_implicit
+from otcore.core.linalg import conjugate_gradient
+from otcore.core.plan import DensePlan, EntropicPlan
+from otcore.core.problem import prepare_problem, warn_not_converged
+from otcore.core.result import OTResult
+from otcore.solvers.entropic.dual import default_tol, dual_value
+from otcore.solvers.entropic.sinkhorn import run_sinkhorn
 
 STEPS = (1.0, 0.5, 0.25, 0.1)
 RHO_LOW, RHO_HIGH, MU_UP, MU_DOWN, MU_MIN, NU = 0.25, 0.75, 4.0, 0.5, 1e-6, 0.01
@@ -46,16 +48,17 @@ class _DualState:
 
     def __init__(self, geom, C, a, b, f, g, eps):
         self.f, self.g = f, g
+        plan = EntropicPlan(geom, a, b, f, g, eps)
         if C is not None:
-            logits = (f.unsqueeze(-1) + g.unsqueeze(-2) - C) / eps
-            self.P = a.unsqueeze(-1) * b.unsqueeze(-2) * torch.exp(logits)
-            self.r, self.c = DensePlan(self.P, C).marginals()
+            self.P = plan.dense()
+            plan = DensePlan(geom, a, b, self.P, C)
         else:
             self.P = None
-            self.r, self.c = EntropicPlan(geom, a, b, f, g, eps).marginals()
-        self.value = (a * f).sum(-1) + (b * g).sum(-1) - eps * (self.r.sum(-1) - a.sum(-1) * b.sum(-1))
+        self.r, self.c = plan.marginals()
+        mass, mass_a, mass_b = geom.total(self.r, 0), geom.total(a, 0), geom.total(b, 1)
+        self.value = geom.total(a * f, 0) + geom.total(b * g, 1) - eps * (mass - mass_a * mass_b)
         self.grad = torch.cat([a - self.r, b - self.c], dim=-1)
-        self.error = self.grad.abs().sum(-1)
+        self.error = geom.pair_dot(self.grad.abs(), torch.ones_like(self.grad))
 
 
 def newton_direction(state, geom, a, b, eps, shift, drop, *, rtol, max_iter):
@@ -93,7 +96,8 @@ def newton_direction(state, geom, a, b, eps, shift, drop, *, rtol, max_iter):
         return torch.cat([top, bottom], dim=-1) + lam * z
 
     diagonal = torch.cat([state.r, state.c], dim=-1) / eps + lam
-    direction = conjugate_gradient(matvec, state.grad, rtol=rtol, max_iter=max_iter, diagonal=diagonal)
+    direction = conjugate_gradient(matvec, state.grad, rtol=rtol, max_iter=max_iter, diagonal=diagonal,
+                                   inner=geom.pair_dot)
     return direction, matvec
 
 
@@ -111,6 +115,7 @@ def sns(
     cg_rtol: float | None = None,
     cg_max_iter: int = 500,
     warn: bool = True,
+    validate: bool = True,
 ) -> OTResult:
     """Entropic OT by Sinkhorn-Newton-Sparse (balanced problems).
 
@@ -129,8 +134,11 @@ def sns(
             memory; suits GPUs and point clouds).
         grad: ``"implicit"`` or ``"envelope"`` as in ``sinkhorn`` (the fixed point is the same;
             ``"unroll"`` is not offered: CG and sparsification are not differentiated).
-        cg_rtol, cg_max_iter: inner conjugate-gradient settings.
+        cg_rtol, cg_max_iter: inner conjugate-gradient settings (``cg_rtol`` default: 1e-10 in
+            float64, 1e-5 otherwise); also used by the implicit backward.
         warn: one ``ConvergenceWarning`` on non-convergence.
+        validate: check input values as in ``sinkhorn`` (the Newton loop itself reads its
+            progress on the host every iteration).
 
     Returns:
         ``OTResult``; ``n_iter`` counts all iterations and ``info`` holds
@@ -141,36 +149,35 @@ def sns(
         raise ValueError(f"hessian must be 'sparse' or 'dense', got {hessian!r}")
     if grad not in ("implicit", "envelope"):
         raise ValueError(f"grad must be 'implicit' or 'envelope' for sns, got {grad!r}")
-    if int(max_iter) < 1 or int(sinkhorn_iter) < 0:
-        raise ValueError(f"max_iter must be >= 1 and sinkhorn_iter >= 0, got {max_iter!r}, {sinkhorn_iter!r}")
-    problem = prepare_problem(cost, a, b, balanced=True)
+    max_iter = check_max_iter("max_iter", max_iter)
+    sinkhorn_iter = check_max_iter("sinkhorn_iter", sinkhorn_iter, minimum=0)
+    problem = prepare_problem(cost, a, b, balanced=True, validate=validate)
     geom, a, b = problem.geom, problem.a, problem.b
-    tol = check_positive("tol", default_tol(geom.dtype) if tol is None else tol)
-    cg_rtol = cg_rtol or (1e-10 if geom.dtype == torch.float64 else 1e-5)
+    tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
+    cg_rtol = default_rtol(geom.dtype) if cg_rtol is None else check_positive("cg_rtol", cg_rtol)
     B, n, m = geom.shape
 
     with torch.no_grad():
-        warm = sinkhorn(geom, a, b, eps=eps, tol=tol, max_iter=max(1, min(int(sinkhorn_iter), int(max_iter))),
-                        warn=False, grad="envelope")
-        f, g = warm._f.to(geom.dtype), warm._g.to(geom.dtype)
-        n_sinkhorn = warm._n_iter.clone()
+        warm = run_sinkhorn(problem, eps=eps, tol=tol, max_iter=max(1, min(sinkhorn_iter, max_iter)))
+        f, g = warm.state
+        n_sinkhorn = warm.n_iter
         C = geom.materialize().detach() if hessian == "sparse" else None
         state = _DualState(geom, C, a, b, f, g, eps)
         mu = torch.ones(B, dtype=geom.dtype, device=geom.device)
         active = state.error > tol
         n_newton = torch.zeros(B, dtype=torch.int64, device=geom.device)
-        budget = int(max_iter) - int(n_sinkhorn.max())
+        budget = max_iter - int(n_sinkhorn.max())
         for _ in range(max(0, budget)):
             if not bool(active.any()):
                 break
-            norm = state.grad.norm(dim=-1)
+            norm = geom.pair_dot(state.grad, state.grad).sqrt()
             # inexact Newton: the forcing term min(0.1, sqrt|grad|) keeps superlinear convergence
             forcing = max(cg_rtol, min(0.1, math.sqrt(float(norm[active].max()))))
             d, matvec = newton_direction(state, geom, a, b, eps, mu * norm, NU * norm / m,
                                          rtol=forcing, max_iter=cg_max_iter)
             noise = 64 * torch.finfo(geom.dtype).eps * (state.value.abs() + eps)
-            slope = (state.grad * d).sum(-1)
-            curvature = (d * matvec(d)).sum(-1)
+            slope = geom.pair_dot(state.grad, d)
+            curvature = geom.pair_dot(d, matvec(d))
             best, best_step = state, torch.zeros_like(mu)
             for step in STEPS:
                 trial = _DualState(geom, C, a, b, state.f + step * d[:, :n], state.g + step * d[:, n:], eps)
@@ -191,15 +198,16 @@ def sns(
             active = active & (state.error > tol) & torch.isfinite(state.error)
         f, g = state.f, state.g
         converged = state.error <= tol
-    warn_not_converged("sns", converged, ~torch.isfinite(state.error), int(max_iter), warn)
+    if warn:
+        warn_not_converged("sns", converged=converged, failed=~torch.isfinite(state.error), max_iter=max_iter)
 
-    value = dual_value(geom, a, b, f, g, eps, math.inf, math.inf)
-    if grad == "implicit" and torch.is_grad_enabled() and any(p.requires_grad for p in (*geom.tensors, a, b)):
-        f, g = attach_implicit(geom, a, b, f, g, eps, 1.0, 1.0, None, 1000)
-    out = problem.out_dtype
+    value = dual_value(geom, a, b, f, g, eps=eps)
+    point = FixedPoint(geom=geom, a=a, b=b, eps=eps)
+    if grad == "implicit" and needs_implicit(point):
+        f, g = implicit_potentials(point, f, g)
     info = {"sinkhorn_iter": n_sinkhorn, "newton_iter": n_newton, "error": state.error}
-    return OTResult(f.to(out), g.to(out), value.to(out), n_sinkhorn + n_newton, converged,
-                    EntropicPlan(geom, a, b, f, g, eps), a, b, problem.batched, eps, info)
+    return problem.result(f=f, g=g, value=value, n_iter=n_sinkhorn + n_newton, converged=converged,
+                          operator=EntropicPlan(geom, a, b, f, g, eps), eps=eps, info=info)
 
 
 def _select(mask: torch.Tensor, new: _DualState, old: _DualState) -> _DualState:

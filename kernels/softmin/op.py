@@ -1,6 +1,6 @@
 """The Triton kernels as ``torch.library`` operators, with the softmin's autograd formula.
 
-Operands follow ``softmin_triton``: ``a`` is a dense cost (B, n, m) (``b`` None) or points
+Operands follow ``triton``: ``a`` is a dense cost (B, n, m) (``b`` None) or points
 (B, n, d) with ``b`` (B, m, d). The reduced axis carries a potential ``h`` (B, m) and optional
 weights ``w`` (B, m). With the row-stochastic matrix pi_ij = w_j exp((h_j - C_ij)/eps - lse_i),
 
@@ -16,7 +16,7 @@ The backward pass for an upstream gradient G (B, n) is two more streaming passes
                 dL/db_j = -(w_j / eps) (U_j b_j - X_j).
 
 q is formed without log w (exact zero weights keep finite gradients) and its exponent clamped at
-``EXP_CEIL``, as in ``reference.weighted_lse``. For a dense cost, dL/dC = -(G/eps) pi is an
+``EXP_CEIL``, as in ``blocked.weighted_lse``. For a dense cost, dL/dC = -(G/eps) pi is an
 (n, m) tensor by nature and is formed directly.
 
 The operators are opaque ``torch.library.custom_op``s with shape-only fake implementations, so
@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op
 
-from . import softmin_triton as kt
-from .codes import COEF_COST, COEF_DCOST, COEF_ONE, COST_DENSE, COST_SQEUCLIDEAN
-from .reference import EXP_CEIL
+from . import triton as kt
+from ..codes import COEF_COST, COEF_DCOST, COEF_ONE, COST_DENSE, COST_SQEUCLIDEAN
+from .blocked import EXP_CEIL
 
 INF = float("inf")
 
@@ -41,7 +41,7 @@ def plan_apply(
     a: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, l: torch.Tensor, v: torch.Tensor | None,
     r: torch.Tensor | None, eps: float, cost: int, coef: int, ceil: float, want_rows: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``softmin_triton.apply`` as an operator (no autograd)."""
+    """``triton.apply`` as an operator (no autograd)."""
     return kt.apply(a, b, s.contiguous(), l.contiguous(), v, None if r is None else r.contiguous(),
                     eps, cost, coef, ceil, want_rows)
 

@@ -1,8 +1,9 @@
 """Transport plans as linear operators: entropic (through a geometry) or dense.
 
 Both expose the same small interface, used by ``OTResult`` and by the implicit-differentiation
-solve: ``matmul(v, transpose)``, ``marginals()``, ``dense()`` and ``transport_cost()``. Shapes
-are batched: weights (B, n) / (B, m), v (B, m, k) (or (B, n, k) with ``transpose``).
+solve: ``matmul(v, transpose)``, ``marginals()``, ``marginal_error()``, ``dense()`` and
+``transport_cost()``. Shapes are batched: weights (B, n) / (B, m), v (B, m, k) (or (B, n, k)
+with ``transpose``). Sums over points go through the geometry (``Geometry.total``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,18 @@ import torch
 from otcore.geometry import Geometry
 
 
-class EntropicPlan:
+class _Plan:
+    geom: Geometry
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def marginal_error(self) -> torch.Tensor:
+        """|P 1 - a|_1 + |P^T 1 - b|_1 per problem: (B,)."""
+        r, c = self.marginals()
+        return self.geom.total((r - self.a).abs(), 0) + self.geom.total((c - self.b).abs(), 1)
+
+
+class EntropicPlan(_Plan):
     """``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``, applied block by block through ``geom``."""
 
     def __init__(self, geom: Geometry, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float):
@@ -39,13 +51,20 @@ class EntropicPlan:
 
     def transport_cost(self) -> torch.Tensor:
         """<P, C> per problem: (B,)."""
-        return (self.a * self.geom.kernel_cost(self.f, self.g, self.eps, self.b)).sum(-1)
+        return self.geom.total(self.a * self.geom.kernel_cost(self.f, self.g, self.eps, self.b), 0)
 
-class DensePlan:
+    def for_products(self) -> EntropicPlan | DensePlan:
+        """The cheaper operator for many products: dense when the geometry holds its costs anyway."""
+        if not self.geom.holds_costs:
+            return self
+        return DensePlan(self.geom, self.a, self.b, self.dense(), self.geom.materialize())
+
+
+class DensePlan(_Plan):
     """A plan held as a (B, n, m) tensor, with the cost it is evaluated against."""
 
-    def __init__(self, plan: torch.Tensor, cost: torch.Tensor):
-        self.plan, self.cost = plan, cost
+    def __init__(self, geom: Geometry, a: torch.Tensor, b: torch.Tensor, plan: torch.Tensor, cost: torch.Tensor):
+        self.geom, self.a, self.b, self.plan, self.cost = geom, a, b, plan, cost
 
     def matmul(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         return torch.matmul(self.plan.mT if transpose else self.plan, v.to(self.plan.dtype))
@@ -57,4 +76,4 @@ class DensePlan:
         return self.plan
 
     def transport_cost(self) -> torch.Tensor:
-        return (self.plan * self.cost).sum((-2, -1))
+        return self.geom.total((self.plan * self.cost).sum(-1), 0)

@@ -19,7 +19,7 @@ strided view. The cost tile is either
   half inputs natively), and as rank-1 updates on the FMA units for d < 16.
 
 Accumulation is float32 for float32/float16/bfloat16 inputs and float64 for float64 inputs
-(the dtype of ``S``). ``reference.py`` holds the pure-torch path these kernels are tested
+(the dtype of ``S``). ``naive.py`` holds the oracle these kernels are tested
 against. References: Dao et al., "FlashAttention", NeurIPS 2022 (online softmax tiling);
 Feydy, "Geometric data analysis, beyond convolutions" (KeOps online reductions), 2020.
 """
@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .availability import interpreting
-from .codes import COST_DENSE
+from ..availability import interpreting
+from ..codes import COST_DENSE
 
 
 def _tile_configs() -> list[triton.Config]:

@@ -1,4 +1,4 @@
-"""Pure-torch reference of the softmin primitive, blocked so that n x m is never held at once.
+"""The pure-torch path of the softmin primitive, blocked so that n x m is never held at once.
 
 Notation (shapes with a leading batch ``B``): a cost block ``C`` of shape (B, r, L) holds r rows
 of the cost matrix (or of its transpose), ``h`` (B, L) a potential on the reduced axis and ``w``

@@ -1,0 +1,151 @@
+"""Implicit differentiation of entropic OT potentials at their fixed point.
+
+The solvers return potentials z* = (f*, g*) solving z = T(z; theta) with the Jacobi map
+
+    T(f, g) = (tau_a * softmin_rows(g; b), tau_b * softmin_cols(f; a)).
+
+For a loss L(z*), the implicit function theorem gives dL/dtheta = w^T dT/dtheta where
+(I - dT/dz)^T w = dL/dz. With D = diag(r / tau_a, c / tau_b) (r = P1, c = P^T 1),
+
+    I - dT/dz = D^{-1} M,   M = [[diag(r) / tau_a, P], [P^T, diag(c) / tau_b]],
+
+and M is symmetric positive semi-definite (null vector (1, -1) when balanced, the gauge f + t,
+g - t), so w = D y with M y = dL/dz solved by conjugate gradient using only plan products.
+Points of zero weight influence nothing, so their rows of the system are solved exactly first.
+
+Sinkhorn and Sinkhorn-Newton-Sparse share this module: they reach the same fixed point.
+
+Reference: Luise et al., "Differential properties of Sinkhorn approximation", NeurIPS 2018;
+Cuturi et al., OTT-JAX ``implicit_differentiation.py`` (the symmetric system).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from otcore.core.linalg import conjugate_gradient
+from otcore.core.plan import EntropicPlan
+from otcore.geometry import Geometry
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FixedPoint:
+    """The entropic fixed point being differentiated (weights batched, (B, n) and (B, m))."""
+
+    geom: Geometry
+    a: torch.Tensor
+    b: torch.Tensor
+    eps: float
+    tau_a: float = 1.0
+    tau_b: float = 1.0
+
+    def map(self, f: torch.Tensor, g: torch.Tensor, *params: torch.Tensor) -> Pair:
+        """``T(f, g)`` on the parameters ``(*geometry tensors, a, b)``, differentiable in them."""
+        *tensors, a, b = params
+        geom = self.geom.with_tensors(*tensors)
+        return (self.tau_a * geom.softmin(g, self.eps, b, axis=1),
+                self.tau_b * geom.softmin(f, self.eps, a, axis=0))
+
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return (*self.geom.tensors, self.a, self.b)
+
+
+def solve_adjoint(point: FixedPoint, f: torch.Tensor, g: torch.Tensor, u: Pair, *, rtol: float, max_iter: int) -> Pair:
+    """Solve ``(I - dT/dz)^T w = u`` at (f, g) through ``M y = u``, ``w = D y`` (module docstring).
+
+    ``u`` (B, n), (B, m): cotangents; rows/columns of zero weight must already be handled.
+    """
+    geom, n = point.geom, f.shape[-1]
+    plan = EntropicPlan(geom, point.a, point.b, f, g, point.eps).for_products()
+    r, c = plan.marginals()
+    da, db = r / point.tau_a, c / point.tau_b
+
+    def matvec(z: torch.Tensor) -> torch.Tensor:
+        y, x = z[:, :n].unsqueeze(-1), z[:, n:].unsqueeze(-1)
+        top = da * z[:, :n] + plan.matmul(x).squeeze(-1)
+        bottom = db * z[:, n:] + plan.matmul(y, transpose=True).squeeze(-1)
+        return torch.cat([top, bottom], dim=-1)
+
+    project = None
+    if point.tau_a == 1.0 and point.tau_b == 1.0:  # gauge: remove the null direction (1, -1)
+        null = torch.cat([torch.ones_like(r), -torch.ones_like(c)], dim=-1)
+        null = null / geom.pair_dot(null, null).sqrt().unsqueeze(-1)
+
+        def project(z: torch.Tensor) -> torch.Tensor:
+            return z - geom.pair_dot(z, null).unsqueeze(-1) * null
+
+    y = conjugate_gradient(matvec, torch.cat(u, dim=-1), rtol=rtol, max_iter=max_iter, project=project,
+                           diagonal=torch.cat([da, db], dim=-1), inner=geom.pair_dot)
+    return da * y[:, :n], db * y[:, n:]
+
+
+def _adjoint(point: FixedPoint, f: torch.Tensor, g: torch.Tensor, grad_f, grad_g, *, rtol, max_iter) -> Pair:
+    """``w`` for cotangents (grad_f, grad_g), zero-weight points handled outside the CG."""
+    zero_a, zero_b = point.a == 0, point.b == 0
+    has_zero = bool(zero_a.any() or zero_b.any())
+    uf, ug = grad_f, grad_g
+    if has_zero:  # zero-weight points: w = u there, and their effect moves to the rhs
+        with torch.enable_grad():
+            fl, gl = f.detach().requires_grad_(), g.detach().requires_grad_()
+            tf, tg = point.map(fl, gl, *[p.detach() for p in point.params])
+            ef, eg = torch.autograd.grad((tf, tg), (fl, gl), (uf * zero_a, ug * zero_b), allow_unused=True)
+        uf = torch.where(zero_a, 0, uf if ef is None else uf + ef)
+        ug = torch.where(zero_b, 0, ug if eg is None else ug + eg)
+    wf, wg = solve_adjoint(point, f, g, (uf, ug), rtol=rtol, max_iter=max_iter)
+    if has_zero:
+        wf, wg = torch.where(zero_a, grad_f, wf), torch.where(zero_b, grad_g, wg)
+    return wf, wg
+
+
+class _ImplicitPotentials(torch.autograd.Function):
+    """Identity on (f*, g*) forward; the implicit VJP into theta backward."""
+
+    @staticmethod
+    def forward(f, g, point, options, *params):
+        return f.clone(), g.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        f, g, point, options, *params = inputs
+        ctx.point, ctx.options = point, options
+        ctx.save_for_backward(f, g, *params)
+
+    @staticmethod
+    def backward(ctx, grad_f, grad_g):
+        f, g, *params = ctx.saved_tensors
+        with torch.no_grad():
+            wf, wg = _adjoint(ctx.point, f, g, grad_f, grad_g, **ctx.options)
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(ctx.needs_input_grad[4 + i]) for i, p in enumerate(params)]
+            tf, tg = ctx.point.map(f, g, *leaves)
+            wanted = [p for p in leaves if p.requires_grad]
+            grads = iter(torch.autograd.grad((tf, tg), wanted, (wf, wg), allow_unused=True)) if wanted else iter(())
+        return (None, None, None, None, *[next(grads) if p.requires_grad else None for p in leaves])
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Relative residual of the adjoint CG: 1e-10 in float64, 1e-5 otherwise."""
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def implicit_potentials(
+    point: FixedPoint, f: torch.Tensor, g: torch.Tensor, *, rtol: float | None = None, max_iter: int = 1000,
+) -> Pair:
+    """Attach implicit gradients to converged potentials (B, n), (B, m) (no graph).
+
+    Returns (f, g) equal to the inputs, whose backward solves the adjoint system by conjugate
+    gradient (``rtol``: its relative residual, default ``default_rtol``; ``max_iter`` its cap)
+    and pulls the result back through ``point.map`` into the geometry's tensors and the weights.
+    """
+    options = {"rtol": default_rtol(f.dtype) if rtol is None else rtol, "max_iter": max_iter}
+    return _ImplicitPotentials.apply(f, g, point, options, *point.params)
+
+
+def needs_implicit(point: FixedPoint) -> bool:
+    """Whether autograd records through the fixed point (grad mode on, a parameter requires grad)."""
+    return torch.is_grad_enabled() and any(p.requires_grad for p in point.params)

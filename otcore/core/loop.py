@@ -1,0 +1,121 @@
+"""The fixed-point loop every Sinkhorn-type solver runs: stopping, freezing, progress.
+
+A solver supplies ``step(state, eps) -> (new_state, error)``: one iteration from a tuple of
+(B, ...) tensors, with ``error`` (B,) the residual of the *old* state. The loop freezes each
+problem of the batch as soon as its error reaches ``tol`` (keeping the state that reached it),
+stops a problem whose new state is not finite, and counts iterations per problem.
+
+Host synchronisation happens only at checks (every ``check_every`` iterations), and only to
+decide whether to stop: with ``tol=0`` the loop runs exactly ``max_iter`` iterations and reads
+nothing on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+State = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class SinkhornProgress:
+    """What ``callback`` receives at each check.
+
+    Attributes:
+        iteration: iterations done so far.
+        error: (B,) residual of the current iterate (for Sinkhorn, the marginal error
+            |P1 - a|_1 + |P^T 1 - b|_1 when balanced; the fixed-point residual when unbalanced).
+        active: (B,) problems still iterating.
+        eps: the regularisation used at this iteration (differs from the target while annealing).
+    """
+
+    iteration: int
+    error: torch.Tensor
+    active: torch.Tensor
+    eps: float
+
+
+@dataclass(frozen=True)
+class LoopOutcome:
+    """The final state and, per problem (B,), iterations run, convergence, failure and error."""
+
+    state: State
+    n_iter: torch.Tensor
+    converged: torch.Tensor
+    failed: torch.Tensor
+    error: torch.Tensor
+
+
+def print_progress(p: SinkhornProgress) -> None:
+    """The ``verbose`` callback: one line every 100 iterations and at the end."""
+    if p.iteration % 100 == 0 or not bool(p.active.any()):
+        print(f"it {p.iteration:6d}  eps {p.eps:.3g}  max error {float(p.error.max()):.3e}  "
+              f"active {int(p.active.sum())}/{p.active.numel()}")
+
+
+def fixed_point_loop(
+    step: Callable[[State, float], tuple[State, torch.Tensor]],
+    state: State,
+    *,
+    eps: float,
+    max_iter: int,
+    tol: float,
+    schedule: Sequence[float] = (),
+    first_check: int = 1,
+    check_every: int = 1,
+    callbacks: Sequence[Callable[[SinkhornProgress], None]] = (),
+) -> LoopOutcome:
+    """Iterate ``step`` until every problem's error is <= ``tol`` or ``max_iter`` iterations.
+
+    Args:
+        step: one iteration (module docstring); it runs without gradients unless the caller
+            enables them (unrolling).
+        state: initial tensors, each (B, ...).
+        eps: the target regularisation, passed to ``step`` after the annealing ``schedule``.
+        max_iter: iteration cap (annealing iterations included).
+        tol: stopping tolerance on ``error``; 0 runs exactly ``max_iter`` iterations, and
+            ``converged`` then only says that the iterates stayed finite.
+        schedule: eps values of the first iterations (eps-scaling); errors are not tested there.
+        first_check: the first iteration (after the schedule) whose error is meaningful.
+        check_every: iterations between host checks (loop exit, callbacks).
+        callbacks: called with a ``SinkhornProgress`` at every check.
+    """
+    ref = state[0]
+    batch, device = ref.shape[0], ref.device
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    converged = torch.zeros_like(active)
+    failed = torch.zeros_like(active)
+    n_iter = torch.zeros(batch, dtype=torch.int64, device=device)
+    error = torch.full((batch,), float("inf"), dtype=ref.dtype, device=device)
+    measured_from = len(schedule) + first_check
+    for it in range(1, max_iter + 1):
+        e = schedule[it - 1] if it <= len(schedule) else eps
+        new_state, new_error = step(state, e)
+        with torch.no_grad():
+            if it >= measured_from:
+                error = torch.where(active, new_error.to(error.dtype), error)
+                if tol > 0:
+                    done = active & (error <= tol)
+                    converged = converged | done
+                    active = active & ~done
+            finite = torch.stack([torch.isfinite(t).flatten(1).all(-1) for t in new_state]).all(0)
+            failed = failed | (active & ~finite)
+            active = active & finite
+            n_iter = n_iter + active.long()
+        state = tuple(_where_active(active, new, old) for new, old in zip(new_state, state, strict=True))
+        if it % check_every == 0 or it == max_iter:
+            for callback in callbacks:
+                callback(SinkhornProgress(it, error, active, e))
+            if tol > 0 and not bool(active.any()):
+                break
+    if tol == 0:
+        converged = ~failed
+    return LoopOutcome(state=state, n_iter=n_iter, converged=converged, failed=failed, error=error)
+
+
+def _where_active(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per problem (leading dim), ``new`` where ``active`` else ``old``."""
+    return torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old)

@@ -1,0 +1,89 @@
+"""Turning user inputs (cost or geometry, optional weights) into one validated batched problem,
+and a solver's batched outputs back into an ``OTResult`` of the user's shapes and dtype."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from otcore._validation import check_equal_mass, prepare_weights
+from otcore.core.plan import DensePlan, EntropicPlan
+from otcore.core.result import OTResult
+from otcore.geometry import Geometry, as_geometry
+from otcore.warnings import ConvergenceWarning
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """A batch of B problems: geometry (B, n, m), weights a (B, n) and b (B, m)."""
+
+    geom: Geometry
+    a: torch.Tensor
+    b: torch.Tensor
+    batched: bool
+    out_dtype: torch.dtype
+
+    def result(
+        self, *, f: torch.Tensor, g: torch.Tensor, value: torch.Tensor, n_iter: torch.Tensor,
+        converged: torch.Tensor, operator: EntropicPlan | DensePlan, eps: float | None = None,
+        info: dict | None = None,
+    ) -> OTResult:
+        """An ``OTResult`` from batched (B, ...) outputs: cast to the input's dtype, and the
+        batch dimension dropped for unbatched inputs."""
+
+        def out(t: torch.Tensor) -> torch.Tensor:
+            return t if self.batched else t.squeeze(0)
+
+        cast = self.out_dtype
+        return OTResult(
+            f=out(f.to(cast)), g=out(g.to(cast)), value=out(value.to(cast)), n_iter=out(n_iter),
+            converged=out(converged), operator=operator, eps=eps, info=info or {},
+        )
+
+
+def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True) -> Problem:
+    """Validate and broadcast; half-precision inputs are computed in float32.
+
+    ``validate=False`` keeps the shape checks but skips every check that reads tensor values
+    (finiteness, signs, masses): no host synchronisation.
+
+    Raises:
+        ValueError: bad shapes, negative or non-finite weights or costs, and (when ``balanced``)
+            unequal total masses.
+    """
+    geom = as_geometry(cost, validate=validate)
+    out_dtype = geom.dtype
+    compute = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
+    geom = geom.to_dtype(compute)
+    Bg, n, m = geom.shape
+    batch = Bg
+    batched = geom.batched
+    for name, w in (("a", a), ("b", b)):
+        if torch.is_tensor(w) and w.dim() == 2:
+            batched = True
+            if Bg != 1 and w.shape[0] not in (1, Bg):
+                raise ValueError(f"{name} has batch size {w.shape[0]} but the cost has {Bg}")
+            batch = max(batch, w.shape[0])
+    geom = geom.broadcast_to(batch)
+    like = {"batch": batch, "dtype": compute, "device": geom.device, "validate": validate}
+    a = prepare_weights("a", a, n=n, **like)
+    b = prepare_weights("b", b, n=m, **like)
+    if balanced and validate:
+        check_equal_mass(geom.total(a, 0), geom.total(b, 1))
+    return Problem(geom=geom, a=a, b=b, batched=batched, out_dtype=out_dtype)
+
+
+def warn_not_converged(solver: str, *, converged: torch.Tensor, failed: torch.Tensor, max_iter: int) -> None:
+    """One ``ConvergenceWarning`` when any problem did not converge (reads ``converged`` on the host)."""
+    if bool(converged.all()):
+        return
+    n_bad, n_nan = int((~converged).sum()), int(failed.sum())
+    reason = f"{n_nan} stopped on a non-finite iterate, " if n_nan else ""
+    warnings.warn(
+        f"{solver}: {n_bad} of {converged.numel()} problem(s) did not converge ({reason}max_iter={max_iter}); "
+        "result.converged is False for them. Raise max_iter, loosen tol or increase eps.",
+        ConvergenceWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,186 @@
+"""Log-domain Sinkhorn: balanced and unbalanced, batched, differentiable three ways.
+
+Updates (OTT/POT convention, P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps)):
+
+    f <- tau_a * softmin_eps(C, g; b)      (rows)
+    g <- tau_b * softmin_eps(C^T, f; a)    (columns)
+
+with tau = rho / (rho + eps) for a KL penalty rho on the marginal (tau = 1: balanced).
+
+References:
+    Cuturi, "Sinkhorn distances", NeurIPS 2013.
+    Schmitzer, "Stabilized sparse scaling algorithms", SIAM J. Sci. Comput. 2019 (log domain,
+    eps-scaling).
+    Chizat, Peyre, Schmitzer, Vialard, "Scaling algorithms for unbalanced OT", Math. Comp. 2018.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from otcore._validation import check_finite, check_max_iter, check_positive, check_tau, check_tol
+from otcore.core.implicit import FixedPoint, implicit_potentials, needs_implicit
+from otcore.core.loop import LoopOutcome, SinkhornProgress, fixed_point_loop, print_progress
+from otcore.core.plan import EntropicPlan
+from otcore.core.problem import Problem, prepare_problem, warn_not_converged
+from otcore.core.result import OTResult
+from otcore.solvers.entropic.dual import default_tol, dual_value, rho_of, row_error, tau_of
+
+GRAD_MODES = ("implicit", "unroll", "envelope")
+
+
+def sinkhorn(
+    cost,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    eps: float,
+    tau_a: float = 1.0,
+    tau_b: float = 1.0,
+    max_iter: int = 2000,
+    tol: float | None = None,
+    grad: str = "implicit",
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps_scaling: float | None = None,
+    check_every: int | None = None,
+    callback: Callable[[SinkhornProgress], None] | None = None,
+    verbose: bool = False,
+    warn: bool = True,
+    validate: bool = True,
+    implicit_rtol: float | None = None,
+    implicit_max_iter: int = 1000,
+) -> OTResult:
+    """Entropic OT by log-domain Sinkhorn iterations.
+
+    Solves ``min_P <P, C> + eps KL(P || a x b)`` over couplings of a and b (balanced), or with the
+    marginal constraints relaxed to ``rho KL(P1 || a)`` with ``tau = rho / (rho + eps)``.
+
+    Args:
+        cost: (n, m) / (B, n, m) tensor (read as a ``CostMatrix``) or a geometry.
+        a: (n,) / (B, n) source weights, >= 0 (None: uniform 1/n).
+        b: (m,) / (B, m) target weights (None: uniform 1/m). Balanced problems need equal masses.
+        eps: entropic regularisation (> 0), in the units of the cost.
+        tau_a, tau_b: marginal relaxation in (0, 1]; 1 = hard constraint.
+        max_iter: iteration cap (one iteration = an f- and a g-update).
+        tol: stop when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (balanced; for unbalanced problems the
+            same L1 residual of the fixed point f = tau_a softmin(g)). Default: 1e-6 in float64,
+            1e-4 otherwise. ``tol=0`` runs exactly ``max_iter`` iterations with no stopping test;
+            ``converged`` then only says that the iterates stayed finite.
+        grad: ``"implicit"`` (linear solve at the fixed point, constant memory), ``"unroll"``
+            (backprop through every iteration) or ``"envelope"`` (potentials returned detached; the
+            gradient of ``value`` is exact by the envelope theorem, other outputs see only their
+            explicit dependence). In every mode d value / d C = plan; except for ``"unroll"``,
+            ``value`` is differentiated by the envelope theorem (its implicit term vanishes).
+        init: warm start ``(f0, g0)``; the first update recomputes f from g0.
+        eps_scaling: if set (a ratio in (0, 1)), anneal eps_t = max(eps, max|C| * ratio^t) before
+            iterating at ``eps``; convergence is only checked at the target eps. Reads max|C| on
+            the host once.
+        check_every: iterations between host synchronisations (loop exit, callback); default 1 on
+            CPU, 10 on GPU. Convergence itself is tracked every iteration on the device, so results
+            do not depend on this value.
+        callback: called with a ``SinkhornProgress`` at every check.
+        verbose: print progress every 100 iterations (as well as calling ``callback``).
+        warn: emit one ``ConvergenceWarning`` if a problem did not converge.
+        validate: check input values (finite costs and weights, equal masses), which reads them
+            on the host. With ``validate=False`` and ``tol=0`` nothing is read on the host from
+            input to output (training loops, CUDA graphs); shapes are still checked.
+        implicit_rtol, implicit_max_iter: conjugate-gradient settings of the implicit backward.
+
+    Returns:
+        ``OTResult`` (batched if any input was). ``info`` holds ``{"error": final residual (B,)}``.
+
+    Raises:
+        ValueError: invalid shapes, weights, costs, eps, tau, grad or unequal balanced masses.
+    """
+    eps = check_positive("eps", eps)
+    tau_a, tau_b = check_tau("tau_a", tau_a), check_tau("tau_b", tau_b)
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+    max_iter = check_max_iter("max_iter", max_iter)
+    if eps_scaling is not None and not 0.0 < float(eps_scaling) < 1.0:
+        raise ValueError(f"eps_scaling must lie in (0, 1), got {eps_scaling!r}")
+    problem = prepare_problem(cost, a, b, balanced=tau_a == 1.0 and tau_b == 1.0, validate=validate)
+    geom = problem.geom
+    tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
+    rho_a, rho_b = rho_of(tau_a, eps), rho_of(tau_b, eps)
+    if check_every is None:
+        check_every = 10 if geom.device.type == "cuda" else 1
+    callbacks = [c for c in (callback, print_progress if verbose else None) if c is not None]
+
+    with torch.set_grad_enabled(grad == "unroll" and torch.is_grad_enabled()):
+        outcome = run_sinkhorn(
+            problem, eps=eps, rho_a=rho_a, rho_b=rho_b, max_iter=max_iter, tol=tol,
+            init=_initial_potentials(init, problem, validate=validate),
+            schedule=_eps_schedule(problem, eps, eps_scaling), check_every=int(check_every), callbacks=callbacks,
+        )
+    if warn and (tol > 0 or validate):
+        warn_not_converged("sinkhorn", converged=outcome.converged, failed=outcome.failed, max_iter=max_iter)
+
+    f, g = outcome.state
+    if grad != "unroll":  # value: envelope theorem; f, g: constants (envelope) or implicit
+        f, g = f.detach(), g.detach()
+    value = dual_value(geom, problem.a, problem.b, f, g, eps=eps, rho_a=rho_a, rho_b=rho_b)
+    point = FixedPoint(geom=geom, a=problem.a, b=problem.b, eps=eps, tau_a=tau_a, tau_b=tau_b)
+    if grad == "implicit" and needs_implicit(point):
+        f, g = implicit_potentials(point, f, g, rtol=implicit_rtol, max_iter=implicit_max_iter)
+    return problem.result(
+        f=f, g=g, value=value, n_iter=outcome.n_iter, converged=outcome.converged,
+        operator=EntropicPlan(geom, problem.a, problem.b, f, g, eps), eps=eps, info={"error": outcome.error},
+    )
+
+
+def run_sinkhorn(
+    problem: Problem, *, eps: float, max_iter: int, tol: float, rho_a: float = math.inf, rho_b: float = math.inf,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None, schedule: Sequence[float] = (), check_every: int = 1,
+    callbacks: Sequence[Callable[[SinkhornProgress], None]] = (),
+) -> LoopOutcome:
+    """The Sinkhorn iterations on a prepared problem; ``state`` of the outcome is (f, g), batched.
+
+    Problems freeze (stop updating) as soon as they converge. Differentiable by unrolling when
+    gradients are enabled. ``init`` defaults to zeros.
+    """
+    geom, a, b = problem.geom, problem.a, problem.b
+    if init is None:
+        B, n, m = geom.shape
+        init = tuple(torch.zeros(B, k, dtype=geom.dtype, device=geom.device) for k in (n, m))
+
+    def step(state, e):
+        f, g = state
+        f_new = tau_of(rho_a, e) * geom.softmin(g, e, b, axis=1)
+        with torch.no_grad():  # (f, g) has exact column marginals: its row error is the marginal error
+            error = row_error(geom, a, f, f_new, e)
+        g_new = tau_of(rho_b, e) * geom.softmin(f_new, e, a, axis=0)
+        return (f_new, g_new), error
+
+    # the first iteration's error is that of the initial (f, g), which is not a Sinkhorn iterate
+    return fixed_point_loop(step, init, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule, first_check=2,
+                            check_every=check_every, callbacks=callbacks)
+
+
+def _initial_potentials(init, problem: Problem, *, validate: bool):
+    if init is None:
+        return None
+    B, n, m = problem.geom.shape
+    dtype = problem.geom.dtype
+    f0, g0 = init
+    for name, t, k in (("init[0]", f0, n), ("init[1]", g0, m)):
+        if not torch.is_tensor(t) or t.shape[-1] != k or t.dim() not in (1, 2):
+            raise ValueError(f"{name} must be a tensor of shape ({k},) or ({B}, {k})")
+        if validate:
+            check_finite(name, t)
+    return (f0.detach().to(dtype).expand(B, n).clone(), g0.detach().to(dtype).expand(B, m).clone())
+
+
+def _eps_schedule(problem: Problem, eps: float, ratio: float | None) -> list[float]:
+    """Annealed eps values that precede the target (empty without eps-scaling)."""
+    if ratio is None:
+        return []
+    start = float(problem.geom.max_cost().max())
+    steps = []
+    while start > eps:
+        steps.append(start)
+        start *= ratio
+    return steps
