@@ -3,7 +3,10 @@ against (the blocked torch path, the Triton kernels). Slow and O(n m) memory by 
 
 Shapes: C (B, n, m) is reduced over its last axis (pass ``C.mT`` to reduce over rows), ``h``
 and ``w`` (B, m) live on the reduced axis, ``f`` (B, n) on the kept one, ``v`` (B, m, k).
-Zero weights are allowed: they multiply an exponential, they are never logged.
+Zero weights are allowed (they multiply an exponential, they are never logged) as long as
+one weight per row is positive; a zero-weight entry whose exponent exceeds the largest weighted
+one by more than ~700 overflows, and the blocked and Triton paths clamp such exponents, so
+compare gradients in weights at zero entries only where that does not happen.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import torch
 
 
 def _weighted_kernel(C, f, h, w, eps):
-    """``(w_j exp((f_i + h_j - C_ij)/eps - t_i), t_i)`` with t_i the row's largest exponent."""
+    """``(w_j exp((f_i + h_j - C_ij)/eps - t_i), t_i)``, t_i the row's largest weighted exponent."""
     s = (f.unsqueeze(-1) + h.unsqueeze(-2) - C) / eps
-    top = s.amax(-1, keepdim=True).detach()
+    top = torch.where(w.unsqueeze(-2) > 0, s, float("-inf")).amax(-1, keepdim=True).detach()
     return w.unsqueeze(-2) * torch.exp(s - top), top.squeeze(-1)
 
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op
 
-from . import triton as kt
 from ..codes import COEF_COST, COEF_DCOST, COEF_ONE, COST_DENSE, COST_SQEUCLIDEAN
+from . import triton as kt
 from .blocked import EXP_CEIL
 
 INF = float("inf")

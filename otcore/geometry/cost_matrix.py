@@ -7,8 +7,8 @@ import torch
 from otcore._validation import check_finite
 from otcore.geometry.backends import resolve_backend
 from otcore.geometry.base import Geometry
-from otcore.kernels.softmin import blocked
 from otcore.kernels.codes import COST_DENSE
+from otcore.kernels.softmin import blocked
 
 
 class CostMatrix(Geometry):

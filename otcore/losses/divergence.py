@@ -36,7 +36,8 @@ def sinkhorn_divergence(
     """``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2`` between point clouds.
 
     ``OT_eps`` is ``sinkhorn(...).value`` (<P, C> + eps KL(P || a x b)); S is >= 0 for the
-    squared-Euclidean cost, exactly 0 for identical inputs, symmetric, and smooth in x, y, a, b.
+    squared-Euclidean cost, exactly 0 for identical inputs (the same tensors, or equal ones when
+    ``validate``), symmetric, and smooth in x, y, a, b.
     The cross potentials advance by alternating Sinkhorn updates and the two self-transport
     potentials by averaged symmetric updates (which converge where alternating ones oscillate),
     all in one loop; a self term stops being updated once it has converged.
@@ -76,7 +77,7 @@ def sinkhorn_divergence(
     xs, ys = geom.tensors
     self_x, self_y = geom.with_tensors(xs, xs), geom.with_tensors(ys, ys)
     unroll = grad == "unroll"
-    identical = not unroll and x.shape == y.shape and torch.equal(x, y) and _same_weights(a, b)
+    identical = not unroll and _same_inputs(x, y, a, b, compare_values=validate)
 
     checks = int(check_every)
     term_x = _SelfTerm(self_x, wa, settle_at=tol if tol > 0 else None, eps=eps)
@@ -146,7 +147,13 @@ class _SelfTerm:
         return 0.5 * (p + s), error
 
 
-def _same_weights(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a.shape == b.shape and torch.equal(a, b)
+def _same_inputs(x, y, a, b, *, compare_values: bool) -> bool:
+    """Whether (x, a) and (y, b) are the same measure: the same tensors, or (when
+    ``compare_values``, a host read) equal ones."""
+
+    def same(s, t):
+        if s is None or t is None:
+            return s is None and t is None
+        return s is t or (compare_values and s.shape == t.shape and torch.equal(s, t))
+
+    return same(x, y) and same(a, b)

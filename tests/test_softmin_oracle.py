@@ -1,0 +1,122 @@
+"""Every backend of the softmin (blocked torch, Triton) against the naive dense oracle.
+
+The oracle (``otcore.kernels.softmin.naive``) runs on a cost computed here by explicit
+differences, so values and gradients (through autograd of the oracle) are independent of the
+geometry code under test. Sizes are small but awkward (1, 7 and 129 are not multiples of the
+64-wide Triton tiles; d = 1 and 3 take the FMA path, d = 64 the tl.dot path); on a CPU the
+Triton kernels run in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import F64, KERNEL_DEVICE, simplex, sqdist
+from otcore.kernels.softmin import naive
+
+from otcore import CostMatrix, PointCloud
+
+DEV = KERNEL_DEVICE
+BACKENDS = ["torch", "triton"]
+
+
+def _rand(shape, gen, shift=0.0):
+    return (torch.randn(*shape, generator=gen, dtype=F64) + shift).to(DEV)
+
+
+def _weights(batch, k, gen):
+    """Simplex weights with one exact zero (when k > 2)."""
+    return torch.stack([simplex(k, gen, zeros=1 if k > 2 else 0) for _ in range(batch)]).to(DEV)
+
+
+def _oracle_cost(cost, x, y):
+    sq = sqdist(x, y)
+    return sq if cost == "sqeuclidean" else sq.clamp_min(1e-300).sqrt()
+
+
+def _value_and_grads(fn, leaves, upstream):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, upstream)]
+
+
+def _assert_close(got, want, rtol):
+    for g, w in zip(got, want, strict=True):
+        scale = float(w.abs().max()) or 1.0
+        torch.testing.assert_close(g.to(w.dtype), w, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, m", [(1, 7), (7, 129), (129, 1)])
+@pytest.mark.parametrize("d", [1, 3, 64])
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+def test_point_cloud_softmin_and_gradients(backend, n, m, d, cost, gen):
+    x, y = _rand((2, n, d), gen), _rand((2, m, d), gen, shift=0.5)
+    eps = 0.25 * d + 0.25
+    for axis, k in ((1, m), (0, n)):
+        h, w = _rand((2, k), gen), _weights(2, k, gen)
+        upstream = _rand((2, n if axis == 1 else m), gen)
+
+        def oracle(x, y, h, w, axis=axis):
+            C = _oracle_cost(cost, x, y)
+            return naive.softmin(C if axis == 1 else C.mT, h, w, eps)
+
+        def tested(x, y, h, w, axis=axis):
+            return PointCloud(x, y, cost=cost, backend=backend).softmin(h, eps, w, axis=axis)
+
+        want = _value_and_grads(oracle, (x, y, h, w), upstream)
+        _assert_close(_value_and_grads(tested, (x, y, h, w), upstream), want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", [1.0, 1e-3])
+def test_dense_softmin_and_gradients(backend, eps, gen):
+    # C^T of a contiguous tensor: the Triton kernel reads C through its strides
+    C = (3 * torch.rand(2, 129, 7, generator=gen, dtype=F64)).to(DEV).mT
+    for axis, k in ((1, 129), (0, 7)):
+        h, w = _rand((2, k), gen), _weights(2, k, gen)
+        if eps < 0.01:  # zero weights far above the others: their w-gradient overflows (naive.py)
+            w = w + 0.01
+        upstream = _rand((2, 7 if axis == 1 else 129), gen)
+
+        def oracle(C, h, w, axis=axis):
+            return naive.softmin(C if axis == 1 else C.mT, h, w, eps)
+
+        def tested(C, h, w, axis=axis):
+            return CostMatrix(C, backend=backend).softmin(h, eps, w, axis=axis)
+
+        want = _value_and_grads(oracle, (C, h, w), upstream)
+        _assert_close(_value_and_grads(tested, (C, h, w), upstream), want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 3, 20])
+def test_plan_products(backend, k, gen):
+    """kernel_apply (both directions; FMA columns for k < 16, tl.dot above) and kernel_cost."""
+    x, y = _rand((2, 70, 5), gen), _rand((2, 90, 5), gen, shift=0.4)
+    C = torch.cdist(x, y) ** 1.5
+    f, g = _rand((2, 70), gen), _rand((2, 90), gen)
+    a, b = _weights(2, 70, gen), _weights(2, 90, gen)
+    v, u = _rand((2, 90, k), gen), _rand((2, 70, k), gen)
+    for geom, dense in ((PointCloud(x, y, backend=backend), sqdist(x, y)), (CostMatrix(C, backend=backend), C)):
+        pairs = [
+            (geom.kernel_apply(f, g, 0.5, b, v), naive.kernel_apply(dense, f, g, b, v, 0.5)),
+            (geom.kernel_apply(g, f, 0.5, a, u, axis=0), naive.kernel_apply(dense.mT, g, f, a, u, 0.5)),
+            (geom.kernel_cost(f, g, 0.5, b), naive.kernel_cost(dense, f, g, b, 0.5)),
+        ]
+        for got, want in pairs:
+            torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11 * float(want.abs().max()))
+
+
+def test_blocked_path_with_many_blocks_matches_the_oracle(gen, monkeypatch):
+    """Tiny blocks force many of them, in the fused no-grad path and the checkpointed one."""
+    from otcore.kernels.softmin import blocked
+
+    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 64)
+    x, y = _rand((1, 50, 2), gen), _rand((1, 40, 2), gen, shift=1.0)
+    h, w = _rand((1, 40), gen), _weights(1, 40, gen)
+    want = naive.softmin(sqdist(x, y), h, w, 0.1)
+    torch.testing.assert_close(PointCloud(x, y, backend="torch").softmin(h, 0.1, w), want, rtol=1e-12, atol=1e-12)
+    xr = x.clone().requires_grad_()
+    got = PointCloud(xr, y, backend="torch").softmin(h, 0.1, w)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
