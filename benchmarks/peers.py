@@ -83,12 +83,12 @@ class Otcore(Peer):
         return inputs
 
     def sinkhorn(self, C, a, b, *, eps, tol, max_iter):
-        res = otcore.sinkhorn(C, a, b, eps=eps, tol=tol if tol > 0 else 1e-300, max_iter=max_iter, warn=False)
+        res = otcore.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=max_iter, warn=False)
         return res
 
     def sinkhorn_cloud(self, x, y, a, b, *, eps, tol, max_iter):
-        return otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=eps, tol=tol if tol > 0 else 1e-300,
-                               max_iter=max_iter, warn=False)
+        return otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=eps, tol=tol, max_iter=max_iter,
+                               warn=False)
 
     def emd(self, C, a, b):
         return otcore.emd(C, a, b)
@@ -98,7 +98,7 @@ class Otcore(Peer):
     def sinkhorn_iterations(self, x, y, *, eps, iters, grad):
         def loss(xs):
             geom = otcore.PointCloud(xs, y, backend=self.backend)
-            return otcore.sinkhorn(geom, eps=eps, tol=1e-300, max_iter=iters, grad="envelope", warn=False).value
+            return otcore.sinkhorn(geom, eps=eps, tol=0, max_iter=iters, grad="envelope", warn=False).value
 
         return _value_and_grad(loss, x, grad)
 

@@ -99,3 +99,16 @@ def check_max_iter(name: str, value: int, minimum: int = 1) -> int:
     if not ok:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_ratio(name: str, value: float | None) -> float | None:
+    """Raise unless ``value`` is None or a number in (0, 1); returns it as float (or None)."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}") from err
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
+    return v

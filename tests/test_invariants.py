@@ -1,15 +1,21 @@
 """Property-based tests (hypothesis) of the invariants of the entropic solvers, public API only.
 
-Each test draws small float64 problems (2 to 12 points a side, eps between 0.05 and 2 times the
+Each test draws small float64 problems (2 to 12 points a side, eps between 0.15 and 2 times the
 cost scale) from an integer seed and checks a property that holds whatever the data:
 marginals at convergence, the gauge of a constant cost shift, transposition symmetry, batching,
 permutation equivariance, zero weights, and the Sinkhorn divergence's sign, symmetry, zero on
 equal measures and translation invariance. ``ConvergenceWarning`` is an error in this suite, so
 every solve below must also converge.
 
+Why eps >= 0.15 x the cost scale: Sinkhorn converges at the rate 1 - O(exp(-range(C) / eps)).
+A 2 x 2 problem with uniform weights whose plan is nearly a permutation is the worst case: at
+eps = 0.05 x max C it needs ~1e5 iterations to reach tol = 1e-11 (POT's ``sinkhorn_log`` needs
+as many), at 0.15 a few thousand at most.
+
 Convention: ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``.
 """
 
+import pytest
 import torch
 from conftest import F64, clouds, simplex, sqdist
 from hypothesis import given, settings
@@ -23,7 +29,7 @@ PROPERTY = settings(max_examples=25, deadline=None)
 
 seeds = st.integers(0, 2**31 - 1)
 sizes = st.integers(2, 12)
-rel_eps = st.floats(0.05, 2.0)
+rel_eps = st.floats(0.15, 2.0)  # eps / cost scale (see the module docstring for the lower bound)
 scales = st.floats(0.1, 10.0)
 
 
@@ -93,21 +99,24 @@ def test_transposed_problem_has_transposed_solution(problem):
     res, tr = solve(C, a, b, eps), solve(C.T, b, a, eps)
     torch.testing.assert_close(tr.plan, res.plan.T, rtol=0, atol=1e-9)
     torch.testing.assert_close(tr.value, res.value, rtol=1e-9, atol=1e-9 * float(C.max()))
-    # swapped potentials up to the gauge (f + s, g - s)
-    s = tr.f - res.g
+    # swapped potentials up to the gauge (f + s, g - s), on the points of positive weight (see
+    # test_zero_weight_row_potential_is_a_c_transform for the others)
+    ia, ib = a > 0, b > 0
+    s = (tr.f - res.g)[ib]
     assert_constant(s, atol=1e-7 * eps)
-    torch.testing.assert_close(tr.g, res.f - s.mean(), rtol=0, atol=1e-7 * eps)
+    torch.testing.assert_close(tr.g[ia], res.f[ia] - s.mean(), rtol=0, atol=1e-7 * eps)
 
 
 @settings(max_examples=15, deadline=None)
-@given(seeds, sizes, sizes, scales, st.lists(rel_eps, min_size=3, max_size=3))
-def test_batch_equals_one_by_one(seed, n, m, scale, rels):
+@given(seeds, sizes, sizes, scales, rel_eps)
+def test_batch_equals_one_by_one(seed, n, m, scale, rel):
     gen = torch.Generator().manual_seed(seed)
     B = 3
-    C = scale * torch.rand(B, n, m, generator=gen, dtype=F64) ** torch.tensor([1.0, 2.0, 0.5], dtype=F64)[:, None, None]
-    a = torch.stack([weights(n, gen, k % 2) for k in range(B)])
+    powers = torch.tensor([1.0, 2.0, 0.5], dtype=F64)[:, None, None]  # differently shaped costs
+    C = scale * torch.rand(B, n, m, generator=gen, dtype=F64) ** powers
+    a = torch.stack([weights(n, gen, k % 2) for k in range(B)])  # zero weights in some problems
     b = torch.stack([weights(m, gen, (k + 1) % 2) for k in range(B)])
-    eps = min(rels) * scale  # one eps for the batch; the costs differ in shape
+    eps = rel * scale
     batch = solve(C, a, b, eps)
     assert batch.plan.shape == (B, n, m) and batch.value.shape == (B,) and batch.f.shape == (B, n)
     assert bool(batch.converged.all())
@@ -155,6 +164,22 @@ def test_zero_weights_give_zero_rows_and_columns(problem):
     torch.testing.assert_close(res.value, reduced.value, rtol=1e-9, atol=1e-9 * float(C.max()))
 
 
+def test_zero_weight_row_potential_is_a_c_transform():
+    C = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64)
+    a = torch.tensor([0.0, 1.0], dtype=F64, requires_grad=True)
+    b = torch.tensor([0.5, 0.5], dtype=F64)
+    res = solve(C, a, b, 1.0)
+    res.value.backward()
+    # moving mass h onto the zero-weight point changes the value at the rate softmin(C, g; b)_0 - f_1
+    h = 1e-7
+    moved = solve(C, torch.tensor([h, 1 - h], dtype=F64), b, 1.0).value
+    slope = float((moved - res.value.detach()) / h)
+    autograd = float(a.grad[0] - a.grad[1])
+    assert abs(autograd - slope) <= 1e-5, f"autograd {autograd:.6f} vs finite difference {slope:.6f}"
+    c_transform = -torch.logsumexp(torch.log(b) + res.g - C, dim=1)  # eps = 1
+    torch.testing.assert_close(res.f, c_transform, rtol=0, atol=1e-10)
+
+
 @st.composite
 def cloud_pairs(draw):
     """(x, y, a, b, eps) with a, b None (uniform) or random weights."""
@@ -167,13 +192,7 @@ def cloud_pairs(draw):
 
 
 def divergence(x, y, a, b, eps):
-    import time
-    its=[]
-    t=time.time()
-    r= otcore.sinkhorn_divergence(x, y, a, b, eps=eps, tol=TOL, max_iter=MAX_ITER, callback=lambda p: its.append(p.iteration))
-    dt=time.time()-t
-    if dt>0.1: print("SLOW", x.shape, y.shape, a is None, eps, its[-1], dt, float(r), float(sqdist(x,y).max()))
-    return r
+    return otcore.sinkhorn_divergence(x, y, a, b, eps=eps, tol=TOL, max_iter=MAX_ITER)
 
 
 @PROPERTY
@@ -190,12 +209,15 @@ def test_divergence_sign_symmetry_and_translation(pair, shift):
 
 
 @PROPERTY
-@given(cloud_pairs(), seeds)
-def test_divergence_vanishes_on_equal_measures(pair, perm_seed):
-    x, _, a, _, eps = pair
+@given(seeds, sizes, st.integers(1, 3), st.booleans(), rel_eps)
+def test_divergence_vanishes_on_equal_measures(seed, n, d, uniform, rel):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=F64)
+    a = None if uniform else weights(n, gen)
+    scale = float(sqdist(x, x).max())
+    eps = rel * scale
     assert abs(float(divergence(x, x, a, a, eps))) <= 1e-12
     assert abs(float(divergence(x, x.clone(), None if a is None else a.clone(), a, eps))) <= 1e-12
     # the same measure with its points listed in another order: S = 0 up to the solver's tolerance
-    p = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(perm_seed))
-    scale = float(sqdist(x, x).max()) + 1.0
+    p = torch.randperm(n, generator=gen)
     assert abs(float(divergence(x, x[p], a, None if a is None else a[p], eps))) <= 1e-9 * scale

@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import torch
 
-from otcore._validation import check_max_iter, check_positive, check_tol
+from otcore._validation import check_max_iter, check_positive, check_ratio, check_tol
 from otcore.core.loop import SinkhornProgress, fixed_point_loop, print_progress
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.geometry import PointCloud
-from otcore.solvers.entropic.dual import default_tol, dual_value, row_error
+from otcore.solvers.entropic.dual import default_tol, dual_value, eps_schedule, row_error
 
 GRAD_MODES = ("implicit", "envelope", "unroll")
 
@@ -27,6 +27,7 @@ def sinkhorn_divergence(
     tol: float | None = None,
     max_iter: int = 2000,
     grad: str = "implicit",
+    eps_scaling: float | None = None,
     check_every: int | None = None,
     callback: Callable[[SinkhornProgress], None] | None = None,
     verbose: bool = False,
@@ -53,6 +54,8 @@ def sinkhorn_divergence(
         grad: ``"implicit"`` or ``"envelope"`` (the same here: the divergence is a sum of
             optimal values, whose gradient is exact by the envelope theorem), or ``"unroll"``
             (backpropagate through the iterations).
+        eps_scaling: as in ``sinkhorn``: anneal all three problems from eps = max|C| by this
+            ratio per iteration before iterating at ``eps`` (far fewer iterations at small eps).
         check_every, callback, verbose, warn, validate: as in ``sinkhorn``; the callback's
             ``error`` is the largest of the three terms' errors.
 
@@ -67,6 +70,7 @@ def sinkhorn_divergence(
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     max_iter = check_max_iter("max_iter", max_iter)
+    eps_scaling = check_ratio("eps_scaling", eps_scaling)
     cross = PointCloud(x, y, cost=cost, backend=backend, validate=validate)  # names x and y in its errors
     problem = prepare_problem(cross, a, b, balanced=True, validate=validate)
     geom, wa, wb = problem.geom, problem.a, problem.b
@@ -103,7 +107,8 @@ def sinkhorn_divergence(
     zeros_n, zeros_m = torch.zeros_like(wa), torch.zeros_like(wb)
     start = (zeros_n,) if identical else (zeros_n, zeros_m, zeros_n, zeros_m)
     with torch.set_grad_enabled(unroll and torch.is_grad_enabled()):
-        outcome = fixed_point_loop(step, start, eps=eps, max_iter=max_iter, tol=tol, first_check=1 if identical else 2,
+        outcome = fixed_point_loop(step, start, eps=eps, max_iter=max_iter, tol=tol,
+                                   schedule=eps_schedule(geom, eps, eps_scaling), first_check=1 if identical else 2,
                                    check_every=checks, callbacks=callbacks)
     if warn and (tol > 0 or validate):
         warn_not_converged("sinkhorn_divergence", converged=outcome.converged, failed=outcome.failed,

@@ -55,3 +55,18 @@ def row_error(geom: Geometry, a: torch.Tensor, f: torch.Tensor, f_new: torch.Ten
     (P1)_i = a_i exp((f_i - f_new_i)/eps), so the error needs no plan product.
     """
     return geom.total((a * torch.expm1((f - f_new) / eps)).abs(), 0)
+
+
+def eps_schedule(geom: Geometry, eps: float, ratio: float | None) -> list[float]:
+    """Annealed eps values max|C| ratio^t (> eps) that precede the target; empty for ``ratio=None``.
+
+    Reads max|C| on the host once.
+    """
+    if ratio is None:
+        return []
+    start = float(geom.max_cost().max())
+    steps = []
+    while start > eps:
+        steps.append(start)
+        start *= ratio
+    return steps

@@ -21,13 +21,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from otcore._validation import check_finite, check_max_iter, check_positive, check_tau, check_tol
+from otcore._validation import check_finite, check_max_iter, check_positive, check_ratio, check_tau, check_tol
 from otcore.core.implicit import FixedPoint, implicit_potentials, needs_implicit
 from otcore.core.loop import LoopOutcome, SinkhornProgress, fixed_point_loop, print_progress
 from otcore.core.plan import EntropicPlan
 from otcore.core.problem import Problem, prepare_problem, warn_not_converged
 from otcore.core.result import OTResult
-from otcore.solvers.entropic.dual import default_tol, dual_value, rho_of, row_error, tau_of
+from otcore.solvers.entropic.dual import default_tol, dual_value, eps_schedule, rho_of, row_error, tau_of
 
 GRAD_MODES = ("implicit", "unroll", "envelope")
 
@@ -100,8 +100,7 @@ def sinkhorn(
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     max_iter = check_max_iter("max_iter", max_iter)
-    if eps_scaling is not None and not 0.0 < float(eps_scaling) < 1.0:
-        raise ValueError(f"eps_scaling must lie in (0, 1), got {eps_scaling!r}")
+    eps_scaling = check_ratio("eps_scaling", eps_scaling)
     problem = prepare_problem(cost, a, b, balanced=tau_a == 1.0 and tau_b == 1.0, validate=validate)
     geom = problem.geom
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
@@ -114,12 +113,15 @@ def sinkhorn(
         outcome = run_sinkhorn(
             problem, eps=eps, rho_a=rho_a, rho_b=rho_b, max_iter=max_iter, tol=tol,
             init=_initial_potentials(init, problem, validate=validate),
-            schedule=_eps_schedule(problem, eps, eps_scaling), check_every=int(check_every), callbacks=callbacks,
+            schedule=eps_schedule(geom, eps, eps_scaling), check_every=int(check_every), callbacks=callbacks,
         )
+        f, g = outcome.state
+        # zero-weight sources take no part in the marginal error, so their f may be a step behind
+        # g: give them its exact c-transform (their gradient in a depends on it)
+        f = torch.where(problem.a > 0, f, tau_of(rho_a, eps) * geom.softmin(g, eps, problem.b, axis=1))
     if warn and (tol > 0 or validate):
         warn_not_converged("sinkhorn", converged=outcome.converged, failed=outcome.failed, max_iter=max_iter)
 
-    f, g = outcome.state
     if grad != "unroll":  # value: envelope theorem; f, g: constants (envelope) or implicit
         f, g = f.detach(), g.detach()
     value = dual_value(geom, problem.a, problem.b, f, g, eps=eps, rho_a=rho_a, rho_b=rho_b)
@@ -172,15 +174,3 @@ def _initial_potentials(init, problem: Problem, *, validate: bool):
         if validate:
             check_finite(name, t)
     return (f0.detach().to(dtype).expand(B, n).clone(), g0.detach().to(dtype).expand(B, m).clone())
-
-
-def _eps_schedule(problem: Problem, eps: float, ratio: float | None) -> list[float]:
-    """Annealed eps values that precede the target (empty without eps-scaling)."""
-    if ratio is None:
-        return []
-    start = float(problem.geom.max_cost().max())
-    steps = []
-    while start > eps:
-        steps.append(start)
-        start *= ratio
-    return steps
