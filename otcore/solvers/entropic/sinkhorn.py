@@ -116,9 +116,6 @@ def sinkhorn(
             schedule=eps_schedule(geom, eps, eps_scaling), check_every=int(check_every), callbacks=callbacks,
         )
         f, g = outcome.state
-        # zero-weight sources take no part in the marginal error, so their f may be a step behind
-        # g: give them its exact c-transform (their gradient in a depends on it)
-        f = torch.where(problem.a > 0, f, tau_of(rho_a, eps) * geom.softmin(g, eps, problem.b, axis=1))
     if warn and (tol > 0 or validate):
         warn_not_converged("sinkhorn", converged=outcome.converged, failed=outcome.failed, max_iter=max_iter)
 
@@ -157,8 +154,11 @@ def run_sinkhorn(
         g_new = tau_of(rho_b, e) * geom.softmin(f_new, e, a, axis=0)
         return (f_new, g_new), error
 
-    # the first iteration's error is that of the initial (f, g), which is not a Sinkhorn iterate
-    return fixed_point_loop(step, init, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule, first_check=2,
+    # Errors count from the third iteration: the first measures the initial (f, g); the second
+    # measures f1 = softmin(g0), and zero-weight sources, which no error sees, would keep that
+    # c-transform of the arbitrary g0 (their gradient in a reads it). From the third on, their f
+    # is the c-transform of the previous g, within tol of the returned one.
+    return fixed_point_loop(step, init, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule, first_check=3,
                             check_every=check_every, callbacks=callbacks)
 
 
