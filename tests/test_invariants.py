@@ -15,7 +15,6 @@ as many), at 0.15 a few thousand at most.
 Convention: ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``.
 """
 
-import pytest
 import torch
 from conftest import F64, clouds, simplex, sqdist
 from hypothesis import given, settings

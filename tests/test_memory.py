@@ -17,7 +17,7 @@ def test_point_cloud_sinkhorn_stays_in_linear_memory():
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print((peak - base) * 1024)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr
     grown = int(out.stdout.strip().splitlines()[-1])
     assert grown < 300e6, f"peak memory grew by {grown / 1e6:.0f} MB"

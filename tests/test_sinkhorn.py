@@ -175,3 +175,28 @@ def test_warn_false_silences(gen):
         warnings.simplefilter("error")
         res = otcore.sinkhorn(C, eps=1e-3, max_iter=3, warn=False)
     assert not bool(res.converged)
+
+
+def test_verbose_prints_and_callback_is_still_called(gen, capsys):
+    C = torch.rand(10, 10, generator=gen, dtype=F64)
+    seen = []
+    otcore.sinkhorn(C, eps=0.5, tol=1e-10, callback=seen.append, verbose=True)
+    assert seen and "max error" in capsys.readouterr().out
+
+
+def test_result_is_frozen_and_keyword_only(gen):
+    import dataclasses
+
+    res = otcore.sinkhorn(torch.rand(4, 3, generator=gen, dtype=F64), eps=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.f = res.g
+    with pytest.raises(TypeError):
+        otcore.OTResult(res.f, res.g, res.value, res.n_iter, res.converged, res.operator)
+    rebuilt = dataclasses.replace(res, info={"note": 1})
+    assert rebuilt.value is res.value and rebuilt.info == {"note": 1}
+
+
+def test_divergence_rejects_unknown_options_by_its_own_name():
+    x = torch.randn(5, 2, dtype=F64)
+    with pytest.raises(TypeError, match="sinkhorn_divergence"):
+        otcore.sinkhorn_divergence(x, x + 1, eps=0.1, tau_a=0.5)

@@ -101,7 +101,7 @@ def fixed_point_loop(
                     done = active & (error <= tol)
                     converged = converged | done
                     active = active & ~done
-            finite = torch.stack([torch.isfinite(t).flatten(1).all(-1) for t in new_state]).all(0)
+            finite = _all_finite(new_state)
             failed = failed | (active & ~finite)
             active = active & finite
             n_iter = n_iter + active.long()
@@ -119,3 +119,11 @@ def fixed_point_loop(
 def _where_active(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """Per problem (leading dim), ``new`` where ``active`` else ``old``."""
     return torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+def _all_finite(state: State) -> torch.Tensor:
+    """(B,) whether every entry of every tensor of a problem is finite."""
+    finite = torch.isfinite(state[0]).flatten(1).all(-1)
+    for t in state[1:]:
+        finite &= torch.isfinite(t).flatten(1).all(-1)
+    return finite

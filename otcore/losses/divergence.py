@@ -102,7 +102,10 @@ def sinkhorn_divergence(
         g_new = geom.softmin(f_new, e, wa, axis=0)
         px_new, error_x = term_x.update(px, e, check=check)
         py_new, error_y = term_y.update(py, e, check=check)
-        return (f_new, g_new, px_new, py_new), torch.maximum(error, torch.maximum(error_x, error_y))
+        for error_self in (error_x, error_y):
+            if error_self is not None:
+                error = torch.maximum(error, error_self)
+        return (f_new, g_new, px_new, py_new), error
 
     zeros_n, zeros_m = torch.zeros_like(wa), torch.zeros_like(wb)
     start = (zeros_n,) if identical else (zeros_n, zeros_m, zeros_n, zeros_m)
@@ -133,17 +136,17 @@ class _SelfTerm:
     Averaged updates p <- (p + softmin(p)) / 2 converge in a few iterations where the alternating
     Sinkhorn map oscillates (Feydy et al. 2019, Sec. 3.1). Once every problem of the batch has
     reached ``settle_at`` at the target ``eps`` (read on the host at checks only), the term stops
-    computing: its potential is kept and its error reported as 0.
+    computing: its potential is kept and it reports no error.
     """
 
     def __init__(self, geom, w: torch.Tensor, *, settle_at: float | None, eps: float):
         self.geom, self.w, self.settle_at, self.eps = geom, w, settle_at, eps
         self.settled = False
 
-    def update(self, p: torch.Tensor, e: float, *, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(new potential, error of ``p``): (B, n), (B,)."""
+    def update(self, p: torch.Tensor, e: float, *, check: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(new potential, error of ``p``): (B, n), (B,); the error is None once settled."""
         if self.settled:
-            return p, torch.zeros_like(p[:, 0])
+            return p, None
         s = self.geom.softmin(p, e, self.w, axis=1)
         with torch.no_grad():
             error = 2 * row_error(self.geom, self.w, p, s, e)

@@ -148,10 +148,10 @@ def run_sinkhorn(
 
     def step(state, e):
         f, g = state
-        f_new = tau_of(rho_a, e) * geom.softmin(g, e, b, axis=1)
+        f_new = _damped(tau_of(rho_a, e), geom.softmin(g, e, b, axis=1))
         with torch.no_grad():  # (f, g) has exact column marginals: its row error is the marginal error
             error = row_error(geom, a, f, f_new, e)
-        g_new = tau_of(rho_b, e) * geom.softmin(f_new, e, a, axis=0)
+        g_new = _damped(tau_of(rho_b, e), geom.softmin(f_new, e, a, axis=0))
         return (f_new, g_new), error
 
     # Errors count from the third iteration: the first measures the initial (f, g); the second
@@ -160,6 +160,11 @@ def run_sinkhorn(
     # is the c-transform of the previous g, within tol of the returned one.
     return fixed_point_loop(step, init, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule, first_check=3,
                             check_every=check_every, callbacks=callbacks)
+
+
+def _damped(tau: float, potential: torch.Tensor) -> torch.Tensor:
+    """``tau * potential``, without the multiplication when balanced (tau = 1)."""
+    return potential if tau == 1.0 else tau * potential
 
 
 def _initial_potentials(init, problem: Problem, *, validate: bool):
