@@ -1,7 +1,7 @@
 """Codes shared by the geometries and the Triton kernels (importable without Triton).
 
 ``COST_*`` says where a kernel's cost tile comes from; ``COEF_*`` which factor k_ij multiplies
-the plan entries in ``softmin_triton.apply`` (see its module docstring).
+the plan entries in ``softmin.triton.apply`` (see its module docstring).
 """
 
 COST_DENSE, COST_SQEUCLIDEAN, COST_EUCLIDEAN = 0, 1, 2

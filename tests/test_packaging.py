@@ -4,6 +4,7 @@ py.typed, and the package imports from it alone."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,7 +21,13 @@ def _source_modules() -> set[str]:
 
 
 def test_wheel_contains_every_module_and_imports(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    source = tmp_path / "source"  # a clean copy: no stale build/ of the checkout can leak in
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("otcore", "kernels"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("otcore-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

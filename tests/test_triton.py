@@ -1,4 +1,5 @@
-"""The Triton kernels against the pure-torch reference and float64 finite differences.
+"""The Triton kernels: finite differences in float64, half precision, batching, compile, and whole
+solves on the Triton backend against the same solves on the torch backend.
 
 On a machine without a GPU they run under Triton's interpreter (``TRITON_INTERPRET=1``, set in
 conftest), so the sizes stay small but awkward: 1, 7 and 129 are not multiples of the 64-wide
