@@ -59,3 +59,25 @@ def test_batched_and_differentiable(gen):
     # moving x along -grad lowers the divergence
     s2 = otcore.sinkhorn_divergence(x - 0.05 * g, y, eps=0.5, tol=1e-10).sum()
     assert float(s2) < float(s.sum().detach())
+
+
+def test_gradient_in_a_zero_weight_padding_point_matches_finite_differences():
+    """A zero-weight point far away (as in padded batches): no marginal error sees its potentials,
+    which must still be the c-transforms that its weight's gradient reads."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    x[-1] = 30.0
+    y = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    a = torch.full((8,), 1 / 7, dtype=torch.float64)
+    a[-1] = 0.0
+    leaf = a.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(otcore.sinkhorn_divergence(x, y, leaf, eps=1000.0, tol=1e-6), leaf)
+    h = 1e-5  # one-sided (the weight cannot go negative), second order: (-3 S(0) + 4 S(h) - S(2h)) / 2h
+    values = []
+    for step in (0.0, h, 2 * h):
+        w = a.clone()
+        w[-1] += step
+        w[0] -= step
+        values.append(float(otcore.sinkhorn_divergence(x, y, w, eps=1000.0, tol=1e-13, max_iter=100_000)))
+    slope = (-3 * values[0] + 4 * values[1] - values[2]) / (2 * h)
+    assert abs(float(grad[-1] - grad[0]) - slope) <= 1e-4 * abs(slope)

@@ -1,9 +1,11 @@
 """The fixed-point loop every Sinkhorn-type solver runs: stopping, freezing, progress.
 
-A solver supplies ``step(state, eps) -> (new_state, error)``: one iteration from a tuple of
-(B, ...) tensors, with ``error`` (B,) the residual of the *old* state. The loop freezes each
-problem of the batch as soon as its error reaches ``tol`` (keeping the state that reached it),
-stops a problem whose new state is not finite, and counts iterations per problem.
+A solver supplies ``step(state, eps) -> (new_state, error, kept)``: one iteration from a tuple
+of (B, ...) tensors, with ``error`` (B,) the residual of the *old* state and ``kept`` the old
+state as it is kept once accepted (the old state itself, or with entries that ``error`` does
+not see, such as potentials of zero-weight points, refreshed from this iteration). The loop
+freezes each problem of the batch as soon as its error reaches ``tol``, stops a problem whose
+new state is not finite, and counts iterations per problem.
 
 Host synchronisation happens only at checks (every ``check_every`` iterations), and only to
 decide whether to stop: with ``tol=0`` the loop runs exactly ``max_iter`` iterations and reads
@@ -12,6 +14,7 @@ nothing on the host.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,15 +52,25 @@ class LoopOutcome:
     error: torch.Tensor
 
 
-def print_progress(p: SinkhornProgress) -> None:
-    """The ``verbose`` callback: one line every 100 iterations and at the end."""
+def print_progress(solver: str, p: SinkhornProgress) -> None:
+    """The ``verbose`` callback (bind ``solver``): one line every 100 iterations and at the end."""
     if p.iteration % 100 == 0 or not bool(p.active.any()):
-        print(f"it {p.iteration:6d}  eps {p.eps:.3g}  max error {float(p.error.max()):.3e}  "
+        print(f"{solver} it {p.iteration:6d}  eps {p.eps:.3g}  max error {float(p.error.max()):.3e}  "
               f"active {int(p.active.sum())}/{p.active.numel()}")
 
 
+def progress_callbacks(
+    solver: str, callback: Callable[[SinkhornProgress], None] | None, verbose: bool,
+) -> list[Callable[[SinkhornProgress], None]]:
+    """The user's ``callback`` and, with ``verbose``, the printer: both run when both are given."""
+    callbacks = [] if callback is None else [callback]
+    if verbose:
+        callbacks.append(functools.partial(print_progress, solver))
+    return callbacks
+
+
 def fixed_point_loop(
-    step: Callable[[State, float], tuple[State, torch.Tensor]],
+    step: Callable[[State, float], tuple[State, torch.Tensor, State]],
     state: State,
     *,
     eps: float,
@@ -93,7 +106,7 @@ def fixed_point_loop(
     measured_from = len(schedule) + first_check
     for it in range(1, max_iter + 1):
         e = schedule[it - 1] if it <= len(schedule) else eps
-        new_state, new_error = step(state, e)
+        new_state, new_error, kept = step(state, e)
         with torch.no_grad():
             if it >= measured_from:
                 error = torch.where(active, new_error.to(error.dtype), error)
@@ -105,10 +118,10 @@ def fixed_point_loop(
             failed = failed | (active & ~finite)
             active = active & finite
             n_iter = n_iter + active.long()
-        state = tuple(_where_active(active, new, old) for new, old in zip(new_state, state, strict=True))
+        state = tuple(select(active, new, old) for new, old in zip(new_state, kept, strict=True))
         if it % check_every == 0 or it == max_iter:
             for callback in callbacks:
-                callback(SinkhornProgress(it, error, active, e))
+                callback(SinkhornProgress(iteration=it, error=error, active=active, eps=e))
             if tol > 0 and not bool(active.any()):
                 break
     if tol == 0:
@@ -116,9 +129,9 @@ def fixed_point_loop(
     return LoopOutcome(state=state, n_iter=n_iter, converged=converged, failed=failed, error=error)
 
 
-def _where_active(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Per problem (leading dim), ``new`` where ``active`` else ``old``."""
-    return torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old)
+def select(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per problem (leading dim), ``new`` where ``mask`` (B,) else ``old``."""
+    return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
 def _all_finite(state: State) -> torch.Tensor:

@@ -44,9 +44,10 @@ class EntropicPlan(_Plan):
         ones_n = torch.ones_like(self.a).unsqueeze(-1)
         return self.matmul(ones_m).squeeze(-1), self.matmul(ones_n, transpose=True).squeeze(-1)
 
-    def dense(self) -> torch.Tensor:
-        """The plan as a (B, n, m) tensor (allocates n x m)."""
-        logits = (self.f.unsqueeze(-1) + self.g.unsqueeze(-2) - self.geom.materialize()) / self.eps
+    def dense(self, cost: torch.Tensor | None = None) -> torch.Tensor:
+        """The plan as a (B, n, m) tensor (allocates n x m); ``cost``: the materialised C, if at hand."""
+        cost = self.geom.materialize() if cost is None else cost
+        logits = (self.f.unsqueeze(-1) + self.g.unsqueeze(-2) - cost) / self.eps
         return self.a.unsqueeze(-1) * self.b.unsqueeze(-2) * torch.exp(logits)
 
     def transport_cost(self) -> torch.Tensor:
@@ -57,7 +58,8 @@ class EntropicPlan(_Plan):
         """The cheaper operator for many products: dense when the geometry holds its costs anyway."""
         if not self.geom.holds_costs:
             return self
-        return DensePlan(self.geom, self.a, self.b, self.dense(), self.geom.materialize())
+        cost = self.geom.materialize()
+        return DensePlan(self.geom, self.a, self.b, self.dense(cost), cost)
 
 
 class DensePlan(_Plan):

@@ -7,12 +7,13 @@ from collections.abc import Callable
 import torch
 
 from otcore._validation import check_max_iter, check_positive, check_ratio, check_tol
-from otcore.core.loop import SinkhornProgress, fixed_point_loop, print_progress
+from otcore.core.loop import SinkhornProgress, fixed_point_loop, progress_callbacks
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.geometry import PointCloud
 from otcore.solvers.entropic.dual import default_tol, dual_value, eps_schedule, row_error
+from otcore.solvers.entropic.sinkhorn import GRAD_MODES, refresh_zero_weight, sinkhorn_step
 
-GRAD_MODES = ("implicit", "envelope", "unroll")
+INF = float("inf")
 
 
 def sinkhorn_divergence(
@@ -77,7 +78,7 @@ def sinkhorn_divergence(
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
     if check_every is None:
         check_every = 10 if geom.device.type == "cuda" else 1
-    callbacks = [c for c in (callback, print_progress if verbose else None) if c is not None]
+    callbacks = progress_callbacks("sinkhorn_divergence", callback, verbose)
     xs, ys = geom.tensors
     self_x, self_y = geom.with_tensors(xs, xs), geom.with_tensors(ys, ys)
     unroll = grad == "unroll"
@@ -93,19 +94,17 @@ def sinkhorn_divergence(
         check = iteration[0] % checks == 0
         if identical:  # the cross problem is the self problem: S = 0 exactly
             (p,) = state
-            p_new, error = term_x.update(p, e, check=False)
-            return (p_new,), error
+            p_new, error, p_kept = term_x.update(p, e, check=False)
+            return (p_new,), error, (p_kept,)
         f, g, px, py = state
-        f_new = geom.softmin(g, e, wb, axis=1)
-        with torch.no_grad():
-            error = row_error(geom, wa, f, f_new, e)
-        g_new = geom.softmin(f_new, e, wa, axis=0)
-        px_new, error_x = term_x.update(px, e, check=check)
-        py_new, error_y = term_y.update(py, e, check=check)
+        f_new, g_new, error = sinkhorn_step(geom, wa, wb, f, g, eps=e, rho_a=INF, rho_b=INF)
+        px_new, error_x, px_kept = term_x.update(px, e, check=check)
+        py_new, error_y, py_kept = term_y.update(py, e, check=check)
         for error_self in (error_x, error_y):
             if error_self is not None:
                 error = torch.maximum(error, error_self)
-        return (f_new, g_new, px_new, py_new), error
+        kept = (refresh_zero_weight(wa, f, f_new), g, px_kept, py_kept)
+        return (f_new, g_new, px_new, py_new), error, kept
 
     zeros_n, zeros_m = torch.zeros_like(wa), torch.zeros_like(wb)
     start = (zeros_n,) if identical else (zeros_n, zeros_m, zeros_n, zeros_m)
@@ -136,23 +135,31 @@ class _SelfTerm:
     Averaged updates p <- (p + softmin(p)) / 2 converge in a few iterations where the alternating
     Sinkhorn map oscillates (Feydy et al. 2019, Sec. 3.1). Once every problem of the batch has
     reached ``settle_at`` at the target ``eps`` (read on the host at checks only), the term stops
-    computing: its potential is kept and it reports no error.
+    computing: its measured potential is kept and it reports no error. The settling iteration
+    depends on ``check_every``, so the result does too, within ``tol``.
     """
 
     def __init__(self, geom, w: torch.Tensor, *, settle_at: float | None, eps: float):
         self.geom, self.w, self.settle_at, self.eps = geom, w, settle_at, eps
         self.settled = False
 
-    def update(self, p: torch.Tensor, e: float, *, check: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(new potential, error of ``p``): (B, n), (B,); the error is None once settled."""
+    def update(self, p: torch.Tensor, e: float, *, check: bool):
+        """(new potential, error of ``p`` or None once settled, ``p`` as kept when accepted).
+
+        Zero-weight points, which no error sees, take the exact c-transform rather than the
+        average (their fixed point given the other points), in the new and the kept potential.
+        """
         if self.settled:
-            return p, None
+            return p, None, p
         s = self.geom.softmin(p, e, self.w, axis=1)
         with torch.no_grad():
             error = 2 * row_error(self.geom, self.w, p, s, e)
+        kept = refresh_zero_weight(self.w, p, s)
         if check and self.settle_at is not None and e == self.eps:
             self.settled = bool((error <= self.settle_at).all())
-        return 0.5 * (p + s), error
+            if self.settled:  # freeze the state that was measured
+                return kept, error, kept
+        return refresh_zero_weight(self.w, 0.5 * (p + s), s), error, kept
 
 
 def _same_inputs(x, y, a, b, *, compare_values: bool) -> bool:

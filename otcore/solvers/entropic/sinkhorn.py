@@ -23,7 +23,7 @@ import torch
 
 from otcore._validation import check_finite, check_max_iter, check_positive, check_ratio, check_tau, check_tol
 from otcore.core.implicit import FixedPoint, implicit_potentials, needs_implicit
-from otcore.core.loop import LoopOutcome, SinkhornProgress, fixed_point_loop, print_progress
+from otcore.core.loop import LoopOutcome, SinkhornProgress, fixed_point_loop, progress_callbacks
 from otcore.core.plan import EntropicPlan
 from otcore.core.problem import Problem, prepare_problem, warn_not_converged
 from otcore.core.result import OTResult
@@ -107,7 +107,7 @@ def sinkhorn(
     rho_a, rho_b = rho_of(tau_a, eps), rho_of(tau_b, eps)
     if check_every is None:
         check_every = 10 if geom.device.type == "cuda" else 1
-    callbacks = [c for c in (callback, print_progress if verbose else None) if c is not None]
+    callbacks = progress_callbacks("sinkhorn", callback, verbose)
 
     with torch.set_grad_enabled(grad == "unroll" and torch.is_grad_enabled()):
         outcome = run_sinkhorn(
@@ -148,18 +148,35 @@ def run_sinkhorn(
 
     def step(state, e):
         f, g = state
-        f_new = _damped(tau_of(rho_a, e), geom.softmin(g, e, b, axis=1))
-        with torch.no_grad():  # (f, g) has exact column marginals: its row error is the marginal error
-            error = row_error(geom, a, f, f_new, e)
-        g_new = _damped(tau_of(rho_b, e), geom.softmin(f_new, e, a, axis=0))
-        return (f_new, g_new), error
+        f_new, g_new, error = sinkhorn_step(geom, a, b, f, g, eps=e, rho_a=rho_a, rho_b=rho_b)
+        return (f_new, g_new), error, (refresh_zero_weight(a, f, f_new), g)
 
-    # Errors count from the third iteration: the first measures the initial (f, g); the second
-    # measures f1 = softmin(g0), and zero-weight sources, which no error sees, would keep that
-    # c-transform of the arbitrary g0 (their gradient in a reads it). From the third on, their f
-    # is the c-transform of the previous g, within tol of the returned one.
-    return fixed_point_loop(step, init, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule, first_check=3,
+    # the first iteration's error is that of the initial (f, g), which is not a Sinkhorn iterate
+    return fixed_point_loop(step, init, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule, first_check=2,
                             check_every=check_every, callbacks=callbacks)
+
+
+def sinkhorn_step(geom, a, b, f, g, *, eps: float, rho_a: float, rho_b: float):
+    """One Sinkhorn iteration: ``(f_new, g_new, error of (f, g))``, (B, n), (B, m), (B,).
+
+    (f, g) has exact column marginals (g was the last update), so its marginal error is the row
+    error, which the f-update gives without a plan product.
+    """
+    f_new = _damped(tau_of(rho_a, eps), geom.softmin(g, eps, b, axis=1))
+    with torch.no_grad():
+        error = row_error(geom, a, f, f_new, eps)
+    g_new = _damped(tau_of(rho_b, eps), geom.softmin(f_new, eps, a, axis=0))
+    return f_new, g_new, error
+
+
+def refresh_zero_weight(w: torch.Tensor, p: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``p``, with the entries of zero-weight points taken from ``update``.
+
+    No marginal error sees a zero-weight point, so an accepted potential would otherwise keep
+    whatever value it had (e.g. the c-transform of the initial g); its gradient in the weight
+    reads that value.
+    """
+    return torch.where(w > 0, p, update)
 
 
 def _damped(tau: float, potential: torch.Tensor) -> torch.Tensor:

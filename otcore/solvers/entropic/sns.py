@@ -29,6 +29,7 @@ import torch
 from otcore._validation import check_max_iter, check_positive, check_tol
 from otcore.core.implicit import FixedPoint, default_rtol, implicit_potentials, needs_implicit
 from otcore.core.linalg import conjugate_gradient
+from otcore.core.loop import select
 from otcore.core.plan import DensePlan, EntropicPlan
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.core.result import OTResult
@@ -50,7 +51,7 @@ class _DualState:
         self.f, self.g = f, g
         plan = EntropicPlan(geom, a, b, f, g, eps)
         if C is not None:
-            self.P = plan.dense()
+            self.P = plan.dense(cost=C)
             plan = DensePlan(geom, a, b, self.P, C)
         else:
             self.P = None
@@ -126,7 +127,9 @@ def sns(
         cost: (n, m) / (B, n, m) tensor or a geometry.
         a, b: weights (None: uniform), equal total masses.
         eps: entropic regularisation (> 0).
-        tol: stop when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (default: ``default_tol``).
+        tol: stop when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (default: 1e-6 in float64, 1e-4
+            otherwise; 0: run exactly ``max_iter`` iterations, and ``converged`` then only says
+            that they stayed finite).
         max_iter: cap on all iterations (Sinkhorn warm-up + Newton).
         sinkhorn_iter: warm-up Sinkhorn iterations (it stops early if already converged).
         hessian: ``"sparse"`` (materialise P each step and drop small entries; CPU default) or
@@ -134,8 +137,8 @@ def sns(
             memory; suits GPUs and point clouds).
         grad: ``"implicit"`` or ``"envelope"`` as in ``sinkhorn`` (the fixed point is the same;
             ``"unroll"`` is not offered: CG and sparsification are not differentiated).
-        cg_rtol, cg_max_iter: inner conjugate-gradient settings (``cg_rtol`` default: 1e-10 in
-            float64, 1e-5 otherwise); also used by the implicit backward.
+        cg_rtol, cg_max_iter: inner conjugate-gradient settings of the Newton steps (``cg_rtol``
+            default: 1e-10 in float64, 1e-5 otherwise); the implicit backward uses its defaults.
         warn: one ``ConvergenceWarning`` on non-convergence.
         validate: check input values as in ``sinkhorn`` (the Newton loop itself reads its
             progress on the host every iteration).
@@ -197,9 +200,10 @@ def sns(
             state = best
             active = active & (state.error > tol) & torch.isfinite(state.error)
         f, g = state.f, state.g
-        converged = state.error <= tol
+        finite = torch.isfinite(state.error)
+        converged = state.error <= tol if tol > 0 else finite  # tol=0: max_iter Newton steps, as in sinkhorn
     if warn:
-        warn_not_converged("sns", converged=converged, failed=~torch.isfinite(state.error), max_iter=max_iter)
+        warn_not_converged("sns", converged=converged, failed=~finite, max_iter=max_iter)
 
     value = dual_value(geom, a, b, f, g, eps=eps)
     point = FixedPoint(geom=geom, a=a, b=b, eps=eps)
@@ -218,6 +222,5 @@ def _select(mask: torch.Tensor, new: _DualState, old: _DualState) -> _DualState:
         if new_value is None:
             setattr(out, name, None)
             continue
-        shape = (-1,) + (1,) * (new_value.dim() - 1)
-        setattr(out, name, torch.where(mask.view(shape), new_value, old_value))
+        setattr(out, name, select(mask, new_value, old_value))
     return out
