@@ -109,7 +109,7 @@ def fixed_point_loop(
         new_state, new_error, kept = step(state, e)
         with torch.no_grad():
             if it >= measured_from:
-                error = torch.where(active, new_error.to(error.dtype), error)
+                error = torch.where(active, new_error, error)
                 if tol > 0:
                     done = active & (error <= tol)
                     converged = converged | done

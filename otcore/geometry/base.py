@@ -3,7 +3,7 @@ never for costs.
 
 A geometry describes a batch of B cost matrices of shape (n, m) without committing to how they
 are stored: ``CostMatrix`` holds them, ``PointCloud`` recomputes them from points. Subclasses
-provide ``cost_rows`` (a differentiable block of rows of C or of C^T), ``transpose``,
+provide ``cost_rows`` (a differentiable block of rows of C or of C^T),
 ``fill_scores`` (the fused no-grad fill of the torch path) and ``kernel_operands`` (what the
 Triton kernels read); everything else is written here once, and ``backends`` chooses which
 implementation computes the primitives. A Triton geometry keeps float16/bfloat16 tensors as
@@ -30,7 +30,7 @@ from otcore.geometry.backends import IMPLEMENTATIONS, torch_blocked
 class Geometry(ABC):
     """A batch of cost matrices C (B, n, m), seen only through reductions over blocks of rows."""
 
-    #: True when the user passed unbatched tensors (results are squeezed back).
+    #: True when the user passed batched tensors (False: results are squeezed back).
     batched: bool
     #: "torch" or "triton" (resolved from the requested backend at construction).
     backend: str
@@ -53,10 +53,6 @@ class Geometry(ABC):
     @abstractmethod
     def cost_rows(self, rows: slice, transpose: bool = False) -> torch.Tensor:
         """Differentiable rows ``rows`` of C, or of C^T when ``transpose``: (B, r, m) or (B, r, n)."""
-
-    @abstractmethod
-    def transpose(self) -> Geometry:
-        """The geometry of C^T (rows and columns swapped)."""
 
     @abstractmethod
     def fill_scores(self, rows: slice, buf: torch.Tensor, h: torch.Tensor, inv_eps: float, transpose: bool):

@@ -53,8 +53,6 @@ class CostMatrix(Geometry):
     def cost_rows(self, rows, transpose=False):
         return (self.C.mT[:, rows] if transpose else self.C[:, rows]).to(self.dtype)
 
-    def transpose(self):
-        return self.with_tensors(self.C.mT)
 
     def kernel_operands(self, transpose):
         return (self.C.mT if transpose else self.C), None, COST_DENSE

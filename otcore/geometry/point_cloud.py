@@ -81,8 +81,6 @@ class PointCloud(Geometry):
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)
         return pairwise_cost(src[:, rows].to(self.dtype), dst.to(self.dtype), self.cost)
 
-    def transpose(self):
-        return self.with_tensors(self.y, self.x)
 
     def kernel_operands(self, transpose):
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)

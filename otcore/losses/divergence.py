@@ -103,7 +103,7 @@ def sinkhorn_divergence(
         for error_self in (error_x, error_y):
             if error_self is not None:
                 error = torch.maximum(error, error_self)
-        kept = (refresh_zero_weight(wa, f, f_new), g, px_kept, py_kept)
+        kept = (refresh_zero_weight(term_x.positive, f, f_new), g, px_kept, py_kept)
         return (f_new, g_new, px_new, py_new), error, kept
 
     zeros_n, zeros_m = torch.zeros_like(wa), torch.zeros_like(wb)
@@ -141,6 +141,7 @@ class _SelfTerm:
 
     def __init__(self, geom, w: torch.Tensor, *, settle_at: float | None, eps: float):
         self.geom, self.w, self.settle_at, self.eps = geom, w, settle_at, eps
+        self.positive = w > 0
         self.settled = False
 
     def update(self, p: torch.Tensor, e: float, *, check: bool):
@@ -154,12 +155,12 @@ class _SelfTerm:
         s = self.geom.softmin(p, e, self.w, axis=1)
         with torch.no_grad():
             error = 2 * row_error(self.geom, self.w, p, s, e)
-        kept = refresh_zero_weight(self.w, p, s)
+        kept = refresh_zero_weight(self.positive, p, s)
         if check and self.settle_at is not None and e == self.eps:
             self.settled = bool((error <= self.settle_at).all())
             if self.settled:  # freeze the state that was measured
                 return kept, error, kept
-        return refresh_zero_weight(self.w, 0.5 * (p + s), s), error, kept
+        return refresh_zero_weight(self.positive, 0.5 * (p + s), s), error, kept
 
 
 def _same_inputs(x, y, a, b, *, compare_values: bool) -> bool:

@@ -146,10 +146,12 @@ def run_sinkhorn(
         B, n, m = geom.shape
         init = tuple(torch.zeros(B, k, dtype=geom.dtype, device=geom.device) for k in (n, m))
 
+    positive = a > 0
+
     def step(state, e):
         f, g = state
         f_new, g_new, error = sinkhorn_step(geom, a, b, f, g, eps=e, rho_a=rho_a, rho_b=rho_b)
-        return (f_new, g_new), error, (refresh_zero_weight(a, f, f_new), g)
+        return (f_new, g_new), error, (refresh_zero_weight(positive, f, f_new), g)
 
     # the first iteration's error is that of the initial (f, g), which is not a Sinkhorn iterate
     return fixed_point_loop(step, init, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule, first_check=2,
@@ -169,14 +171,14 @@ def sinkhorn_step(geom, a, b, f, g, *, eps: float, rho_a: float, rho_b: float):
     return f_new, g_new, error
 
 
-def refresh_zero_weight(w: torch.Tensor, p: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """``p``, with the entries of zero-weight points taken from ``update``.
+def refresh_zero_weight(positive: torch.Tensor, p: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``p``, with the entries of zero-weight points (``positive`` False) taken from ``update``.
 
     No marginal error sees a zero-weight point, so an accepted potential would otherwise keep
     whatever value it had (e.g. the c-transform of the initial g); its gradient in the weight
     reads that value.
     """
-    return torch.where(w > 0, p, update)
+    return torch.where(positive, p, update)
 
 
 def _damped(tau: float, potential: torch.Tensor) -> torch.Tensor:
