@@ -137,12 +137,16 @@ def lse_(scores: torch.Tensor, dim: int) -> torch.Tensor:
     return scores.sum(dim=dim).log_().add_(top.squeeze(dim))
 
 
-def exp_matmul_(scores: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
-    """``sum_j exp(s_ij) v_jk`` along ``dim`` (-1: s is (B, r, L); -2: (B, L, r)), destroying s."""
+def exp_matmul_(scores: torch.Tensor, v: torch.Tensor, dim: int, row: torch.Tensor) -> torch.Tensor:
+    """``sum_j exp(row_i + s_ij) v_jk`` along ``dim`` (-1: s is (B, r, L); -2: (B, L, r)), destroying s.
+
+    ``row`` (B, r) joins the exponent before anything is exponentiated: exp(row) and the row's
+    largest exp(s) may each overflow or underflow where their product does not.
+    """
     top = torch.nan_to_num(scores.amax(dim=dim, keepdim=True), neginf=0.0)
     e = scores.sub_(top).clamp_min_(-EXP_FLOOR).exp_()
     e = e if dim == -1 else e.mT
-    return torch.matmul(e, v.to(e.dtype)) * torch.exp(top.squeeze(dim)).unsqueeze(-1)
+    return torch.matmul(e, v.to(e.dtype)) * torch.exp(top.squeeze(dim) + row).unsqueeze(-1)
 
 
 def column_lse(C: torch.Tensor, h: torch.Tensor, inv_eps: float, buffers: Buffers) -> torch.Tensor:

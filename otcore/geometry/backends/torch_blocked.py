@@ -78,7 +78,7 @@ def kernel_apply(geom, f, g, eps, weights, v, transpose):
         def block_fn(rows, buffers):
             buf, dim, offset = _scores(geom, rows, buffers, scaled, 1.0 / eps, transpose)
             row = f[:, rows] / eps if offset is None else offset + f[:, rows] / eps
-            return blocked.exp_matmul_(buf, v, dim) * torch.exp(row).unsqueeze(-1)
+            return blocked.exp_matmul_(buf, v, dim, row)
 
         return _fused(geom, block_fn, transpose)
 

@@ -1,0 +1,56 @@
+"""Plan products combine exponents before exponentiating: potentials far beyond exp's range
+(|f|/eps >> 88 in float32, >> 709 in float64) still give finite plan products, marginal errors,
+implicit gradients and Hessian-free Newton steps."""
+
+import pytest
+import torch
+from conftest import F64, sqdist
+from otcore.kernels.softmin import naive
+
+import otcore
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_offset_costs_give_finite_marginal_error_and_apply(dtype):
+    gen = torch.Generator().manual_seed(0)
+    C = (torch.rand(30, 20, generator=gen, dtype=F64) + 10 * (1 if dtype == torch.float32 else 100)).to(dtype)
+    res = otcore.sinkhorn(C, eps=0.1)
+    assert bool(res.converged)
+    assert float(res.f.abs().max()) / 0.1 > (100 if dtype == torch.float32 else 800)  # beyond exp's range
+    error = res.marginal_error
+    assert bool(torch.isfinite(error)) and float(error) <= 1e-4
+    v = torch.randn(20, 3, generator=gen, dtype=F64).to(dtype)
+    torch.testing.assert_close(res.apply(v), res.plan @ v, rtol=1e-4 if dtype == torch.float32 else 1e-10,
+                               atol=1e-6 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(res.plan.sum(), torch.ones((), dtype=dtype), rtol=1e-4, atol=0)
+
+
+def test_kernel_apply_with_large_opposite_potentials_matches_the_oracle():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(1, 40, 2, generator=gen, dtype=F64), torch.randn(1, 30, 2, generator=gen, dtype=F64)
+    f = torch.full((1, 40), 900.0, dtype=F64) + torch.randn(1, 40, generator=gen, dtype=F64)
+    g = torch.full((1, 30), -900.0, dtype=F64) + torch.randn(1, 30, generator=gen, dtype=F64)
+    w, v = torch.full((1, 30), 1 / 30, dtype=F64), torch.randn(1, 30, 2, generator=gen, dtype=F64)
+    for eps in (1.0, 0.5):
+        got = otcore.PointCloud(x, y).kernel_apply(f, g, eps, w, v)
+        torch.testing.assert_close(got, naive.kernel_apply(sqdist(x, y), f, g, w, v, eps), rtol=1e-10, atol=0)
+
+
+def test_implicit_gradient_of_offset_clouds_is_finite():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(30, 2, generator=gen).requires_grad_()
+    y = torch.rand(20, 2, generator=gen) + 3
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1)
+    res.transport_cost.backward()
+    assert bool(torch.isfinite(x.grad).all())
+    x64 = x.detach().double().requires_grad_()
+    ref = otcore.sinkhorn(otcore.PointCloud(x64, y.double()), eps=0.1, tol=1e-10)
+    ref.transport_cost.backward()
+    assert float((x.grad.double() - x64.grad).norm() / x64.grad.norm()) < 1e-2
+
+
+def test_hessian_free_sns_with_offset_costs():
+    gen = torch.Generator().manual_seed(3)
+    C = torch.rand(40, 40, generator=gen, dtype=F64) + 1
+    res = otcore.sns(C, eps=1 / 1200, hessian="dense", tol=1e-8)
+    assert bool(res.converged) and bool(torch.isfinite(res.marginal_error)) and float(res.marginal_error) <= 1e-8
