@@ -54,3 +54,14 @@ def test_hessian_free_sns_with_offset_costs():
     C = torch.rand(40, 40, generator=gen, dtype=F64) + 1
     res = otcore.sns(C, eps=1 / 1200, hessian="dense", tol=1e-8)
     assert bool(res.converged) and bool(torch.isfinite(res.marginal_error)) and float(res.marginal_error) <= 1e-8
+
+
+def test_half_precision_clouds_far_from_the_origin_on_the_torch_path():
+    """|x|^2 + |y|^2 - 2 x.y cancels at |x| ~ 1e3 unless the clouds are centred (in float32)."""
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(50, 2, generator=gen) + 1000).half()
+    y = (torch.randn(40, 2, generator=gen) + 1000.5).half()
+    res = otcore.sinkhorn(otcore.PointCloud(x, y, backend="torch"), eps=0.1)
+    exact = otcore.sinkhorn(sqdist(x.double(), y.double()), eps=0.1, tol=1e-10)
+    assert res.value.dtype == torch.float16
+    torch.testing.assert_close(res.value.double(), exact.value, rtol=2e-3, atol=0)

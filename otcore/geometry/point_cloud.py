@@ -10,6 +10,14 @@ from otcore.geometry.base import Geometry
 from otcore.geometry.costs import pairwise_cost, parse_cost
 from otcore.kernels.codes import POINT_COSTS
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _centred(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y shifted by their joint mean (B, 1, d), which no supported cost sees (no gradient)."""
+    center = torch.cat([x, y], dim=1).mean(dim=1, keepdim=True).detach()
+    return x - center, y - center
+
 
 class PointCloud(Geometry):
     """Costs ``c(x_i, y_j)`` between x (n, d) / (B, n, d) and y (m, d) / (B, m, d).
@@ -58,9 +66,8 @@ class PointCloud(Geometry):
         # |x|^2 + |y|^2 - 2 x.y expansion (and changes no cost or gradient). Half-precision points
         # are kept exactly as given (centring would round them again); the expansion of exact
         # half values is then accumulated in float32.
-        if dtype not in (torch.float16, torch.bfloat16):
-            center = torch.cat([xb, yb], dim=1).mean(dim=1, keepdim=True).detach()
-            xb, yb = xb - center, yb - center
+        if dtype not in HALF:
+            xb, yb = _centred(xb, yb)
         self.x, self.y = xb, yb
         self.cost = parse_cost(cost)
         unsupported = None if self.cost in POINT_COSTS else f"no Triton kernel for the p-norm cost p={self.cost}"
@@ -73,6 +80,13 @@ class PointCloud(Geometry):
     @property
     def tensors(self):
         return (self.x, self.y)
+
+    def to_dtype(self, dtype: torch.dtype) -> PointCloud:
+        """As ``Geometry.to_dtype``; half points converted for the torch path are centred then."""
+        converted = super().to_dtype(dtype)
+        if self.x.dtype in HALF and converted.x.dtype not in HALF:
+            return converted.with_tensors(*_centred(converted.x, converted.y))
+        return converted
 
     def with_tensors(self, x: torch.Tensor, y: torch.Tensor) -> PointCloud:
         return self._replace(x=x, y=y)
