@@ -79,3 +79,11 @@ def test_gradients_with_zero_weights_are_finite_and_match_unroll(gen):
         assert bool(torch.isfinite(g).all())
         grads.append(g)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-9)
+
+
+def test_short_implicit_backward_warns_naming_the_option():
+    gen = torch.Generator().manual_seed(5)
+    C = torch.rand(15, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    res = otcore.sinkhorn(C, eps=0.05, tol=1e-10, implicit_max_iter=2)
+    with pytest.warns(otcore.ConvergenceWarning, match="implicit_max_iter=2"):
+        (res.f[0] ** 2).backward()

@@ -21,6 +21,7 @@ Cuturi et al., OTT-JAX ``implicit_differentiation.py`` (the symmetric system).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from otcore.core.linalg import conjugate_gradient
 from otcore.core.plan import EntropicPlan
 from otcore.geometry import Geometry
+from otcore.warnings import ConvergenceWarning
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -79,8 +81,15 @@ def solve_adjoint(point: FixedPoint, f: torch.Tensor, g: torch.Tensor, u: Pair, 
         def project(z: torch.Tensor) -> torch.Tensor:
             return z - geom.pair_dot(z, null).unsqueeze(-1) * null
 
-    y = conjugate_gradient(matvec, torch.cat(u, dim=-1), rtol=rtol, max_iter=max_iter, project=project,
+    y, solved = conjugate_gradient(matvec, torch.cat(u, dim=-1), rtol=rtol, max_iter=max_iter, project=project,
                            diagonal=torch.cat([da, db], dim=-1), inner=geom.pair_dot)
+    if not bool(solved.all()):
+        warnings.warn(
+            f"implicit backward: the adjoint conjugate gradient did not reach rtol={rtol:g} within "
+            f"implicit_max_iter={max_iter} for {int((~solved).sum())} of {solved.numel()} problem(s); "
+            "the gradients are approximate. Raise implicit_max_iter or loosen implicit_rtol.",
+            ConvergenceWarning, stacklevel=2,
+        )
     return da * y[:, :n], db * y[:, n:]
 
 

@@ -23,7 +23,7 @@ def conjugate_gradient(
     project: Vector | None = None,
     diagonal: torch.Tensor | None = None,
     inner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = batch_dot,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve ``A x = rhs`` for a batch of symmetric PSD operators by (preconditioned) CG.
 
     Args:
@@ -36,7 +36,7 @@ def conjugate_gradient(
         inner: the inner product, (B, N) x (B, N) -> (B,) (a sharded vector all-reduces it).
 
     Returns:
-        x (B, N).
+        x (B, N), and (B,) whether each problem reached ``rtol`` within ``max_iter``.
 
     Reference: Nocedal & Wright, "Numerical Optimization", Algorithm 5.3.
     """
@@ -71,4 +71,4 @@ def conjugate_gradient(
         p = torch.where(active.unsqueeze(-1), z + beta * p, p)
         rz = torch.where(active, rz_new, rz)
         active = active & (inner(r, r) > stop)
-    return project(x) if project is not None else x
+    return (project(x) if project is not None else x), ~active
