@@ -45,6 +45,13 @@ def test_bad_options():
         otcore.sinkhorn(C, eps=0.1, max_iter=0)
     with pytest.raises(ValueError, match="eps_scaling"):
         otcore.sinkhorn(C, eps=0.1, eps_scaling=1.5)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="check_every"):
+            otcore.sinkhorn(C, eps=0.1, check_every=bad)
+        with pytest.raises(ValueError, match="check_every"):
+            otcore.sinkhorn_divergence(torch.rand(4, 2), torch.rand(3, 2), eps=0.1, check_every=bad)
+    with pytest.raises(ValueError, match="max_iter"):
+        otcore.sinkhorn(C, eps=0.1, max_iter=1.5)
 
 
 def test_bad_costs_and_points():

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from otcore._validation import check_max_iter
+
 State = tuple[torch.Tensor, ...]
 
 
@@ -57,6 +59,13 @@ def print_progress(solver: str, p: SinkhornProgress) -> None:
     if p.iteration % 100 == 0 or not bool(p.active.any()):
         print(f"{solver} it {p.iteration:6d}  eps {p.eps:.3g}  max error {float(p.error.max()):.3e}  "
               f"active {int(p.active.sum())}/{p.active.numel()}")
+
+
+def resolve_check_every(check_every: int | None, device: torch.device) -> int:
+    """Iterations between host checks: as given (an integer >= 1), else 10 on GPUs and 1 on CPUs."""
+    if check_every is None:
+        return 10 if device.type == "cuda" else 1
+    return check_max_iter("check_every", check_every)
 
 
 def progress_callbacks(

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from otcore._validation import check_max_iter, check_positive, check_ratio, check_tol
-from otcore.core.loop import SinkhornProgress, fixed_point_loop, progress_callbacks
+from otcore.core.loop import SinkhornProgress, fixed_point_loop, progress_callbacks, resolve_check_every
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.geometry import PointCloud
 from otcore.solvers.entropic.dual import default_tol, dual_value, eps_schedule, row_error
@@ -76,15 +76,13 @@ def sinkhorn_divergence(
     problem = prepare_problem(cross, a, b, balanced=True, validate=validate)
     geom, wa, wb = problem.geom, problem.a, problem.b
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
-    if check_every is None:
-        check_every = 10 if geom.device.type == "cuda" else 1
+    checks = resolve_check_every(check_every, geom.device)
     callbacks = progress_callbacks("sinkhorn_divergence", callback, verbose)
     xs, ys = geom.tensors
     self_x, self_y = geom.with_tensors(xs, xs), geom.with_tensors(ys, ys)
     unroll = grad == "unroll"
     identical = not unroll and _same_inputs(x, y, a, b, compare_values=validate)
 
-    checks = int(check_every)
     term_x = _SelfTerm(self_x, wa, settle_at=tol if tol > 0 else None, eps=eps)
     term_y = _SelfTerm(self_y, wb, settle_at=tol if tol > 0 else None, eps=eps)
     iteration = [0]

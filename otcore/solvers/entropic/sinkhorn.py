@@ -23,7 +23,7 @@ import torch
 
 from otcore._validation import check_finite, check_max_iter, check_positive, check_ratio, check_tau, check_tol
 from otcore.core.implicit import FixedPoint, implicit_potentials, needs_implicit
-from otcore.core.loop import LoopOutcome, SinkhornProgress, fixed_point_loop, progress_callbacks
+from otcore.core.loop import LoopOutcome, SinkhornProgress, fixed_point_loop, progress_callbacks, resolve_check_every
 from otcore.core.plan import EntropicPlan
 from otcore.core.problem import Problem, prepare_problem, warn_not_converged
 from otcore.core.result import OTResult
@@ -105,15 +105,14 @@ def sinkhorn(
     geom = problem.geom
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
     rho_a, rho_b = rho_of(tau_a, eps), rho_of(tau_b, eps)
-    if check_every is None:
-        check_every = 10 if geom.device.type == "cuda" else 1
+    check_every = resolve_check_every(check_every, geom.device)
     callbacks = progress_callbacks("sinkhorn", callback, verbose)
 
     with torch.set_grad_enabled(grad == "unroll" and torch.is_grad_enabled()):
         outcome = run_sinkhorn(
             problem, eps=eps, rho_a=rho_a, rho_b=rho_b, max_iter=max_iter, tol=tol,
             init=_initial_potentials(init, problem, validate=validate),
-            schedule=eps_schedule(geom, eps, eps_scaling), check_every=int(check_every), callbacks=callbacks,
+            schedule=eps_schedule(geom, eps, eps_scaling), check_every=check_every, callbacks=callbacks,
         )
         f, g = outcome.state
     if warn and (tol > 0 or validate):
