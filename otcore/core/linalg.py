@@ -9,11 +9,6 @@ import torch
 Vector = Callable[[torch.Tensor], torch.Tensor]
 
 
-def batch_dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``sum_k u_k v_k`` per problem: (B, N), (B, N) -> (B,)."""
-    return (u * v).sum(-1)
-
-
 def conjugate_gradient(
     matvec: Vector,
     rhs: torch.Tensor,
@@ -22,7 +17,7 @@ def conjugate_gradient(
     max_iter: int,
     project: Vector | None = None,
     diagonal: torch.Tensor | None = None,
-    inner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = batch_dot,
+    inner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve ``A x = rhs`` for a batch of symmetric PSD operators by (preconditioned) CG.
 
@@ -33,7 +28,8 @@ def conjugate_gradient(
         max_iter: iteration cap.
         project: maps vectors onto the range of A, for consistent singular systems.
         diagonal: (B, N) Jacobi preconditioner (entries <= 0 are treated as 1).
-        inner: the inner product, (B, N) x (B, N) -> (B,) (a sharded vector all-reduces it).
+        inner: the inner product, (B, N) x (B, N) -> (B,) (``Geometry.pair_dot`` for dual
+            vectors, so that a sharded geometry can all-reduce it).
 
     Returns:
         x (B, N), and (B,) whether each problem reached ``rtol`` within ``max_iter``.
