@@ -23,7 +23,8 @@ class Emd(peers.PeerCase):
 
 
 class Divergence(peers.PeerCase):
-    params = (["otcore", "pot_log", "geomloss", "geomloss_online", "flash_sinkhorn"], [500, 2000], ["cpu", "cuda"])
+    params = (["otcore", "otcore_scaled", "pot_log", "geomloss", "geomloss_online", "flash_sinkhorn"], [500, 2000],
+              ["cpu", "cuda"])
     param_names = ["impl", "n", "device"]
     timeout = 600
 

@@ -305,6 +305,15 @@ class OtcoreSns(Otcore):
         return otcore.sns(C, a, b, eps=eps, tol=tol, max_iter=max_iter, warn=False)
 
 
+class OtcoreScaled(Otcore):
+    """otcore's divergence with eps-scaling (ratio 0.5, GeomLoss's default)."""
+
+    name = "otcore_scaled"
+
+    def divergence(self, x, y, *, eps, tol):
+        return otcore.sinkhorn_divergence(x, y, eps=eps, tol=tol, eps_scaling=0.5, warn=False)
+
+
 class RegOT(Peer):
     """RegOT's C++ solvers (``regot.sinkhorn_<method>``); its tol bounds the 2-norm of the dual gradient."""
 
@@ -338,6 +347,7 @@ PEERS: dict[str, Peer] = {
         SamplesLossPeer("geomloss_online", "geomloss", ("cpu", "cuda"), 0.5, backend="online"),
         SamplesLossPeer("flash_sinkhorn", "flash_sinkhorn", ("cuda",), 1.0),
         OtcoreSns(),
+        OtcoreScaled(),
         RegOT("ssns"),
         RegOT("sparse_newton"),
         RegOT("bcd"),
