@@ -75,3 +75,86 @@ def test_mass_tolerance_scales_with_dtype():
     otcore.sinkhorn(C.float(), U4.float(), b32, eps=0.1)
     with pytest.raises(ValueError, match="mass"):
         otcore.sinkhorn(C, U4, U3 * (1 + 1e-6), eps=0.1)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("eps", "0.1"), ("eps", True), ("eps", None), ("eps", 1j),
+    ("tau_a", "x"), ("tau_a", None), ("tau_b", float("nan")),
+    ("max_iter", None), ("max_iter", "10"), ("max_iter", True),
+    ("tol", "1e-3"), ("tol", None if False else float("nan")),
+    ("implicit_rtol", -1e-6), ("implicit_rtol", 0.0), ("implicit_max_iter", -1), ("implicit_max_iter", None),
+    ("eps_scaling", "0.5"),
+])
+def test_bad_numbers_name_the_argument(name, value):
+    kwargs = {"eps": 0.1, name: value}
+    with pytest.raises(ValueError, match=name):
+        otcore.sinkhorn(C, **kwargs)
+
+
+def test_bad_numbers_in_other_solvers():
+    with pytest.raises(ValueError, match="cg_rtol"):
+        otcore.sns(C, eps=0.1, cg_rtol=-1e-3)
+    with pytest.raises(ValueError, match="max_iter"):
+        otcore.emd(C, max_iter=-1)
+    with pytest.raises(ValueError, match="eps"):
+        otcore.sinkhorn_divergence(torch.rand(4, 2), torch.rand(3, 2), eps="0.1")
+    with pytest.raises(ValueError, match="tol"):
+        otcore.sinkhorn_divergence(torch.rand(4, 2), torch.rand(3, 2), eps=0.1, tol=-1)
+
+
+@pytest.mark.parametrize("a,match", [
+    (torch.tensor([1, 1, 1, 1]), "a"),
+    (torch.full((4,), 0.25, dtype=torch.complex128), "a"),
+])
+def test_weights_must_be_real_floats(a, match):
+    with pytest.raises(ValueError, match=match):
+        otcore.sinkhorn(C, a, eps=0.1)
+
+
+@pytest.mark.parametrize("init,match", [
+    (torch.zeros(4), "init"),
+    ((torch.zeros(4),), "init"),
+    ((torch.zeros(3, 4, dtype=F64), torch.zeros(3, 3, dtype=F64)), r"init\[0\]"),
+    ((torch.zeros(4, dtype=F64), [0.0, 0.0, 0.0]), r"init\[1\]"),
+    ((torch.zeros(4, dtype=F64), torch.zeros(3, dtype=torch.int64)), r"init\[1\]"),
+])
+def test_bad_init(init, match):
+    with pytest.raises(ValueError, match=match):
+        otcore.sinkhorn(C, eps=0.1, init=init)
+
+
+def test_batched_init_must_match_the_batch():
+    Cb = torch.rand(2, 4, 3, dtype=F64)
+    with pytest.raises(ValueError, match=r"init\[0\]"):
+        otcore.sinkhorn(Cb, eps=0.1, init=(torch.zeros(3, 4, dtype=F64), torch.zeros(2, 3, dtype=F64)))
+    otcore.sinkhorn(Cb, eps=0.1, init=(torch.zeros(1, 4, dtype=F64), torch.zeros(2, 3, dtype=F64)))
+
+
+def test_points_need_a_dimension():
+    with pytest.raises(ValueError, match="x"):
+        otcore.PointCloud(torch.zeros(4, 0), torch.zeros(3, 0))
+
+
+def test_mass_tolerance_follows_the_weights_precision():
+    """Weights rounded to their own dtype are accepted whatever dtype the problem computes in."""
+    a, b = torch.full((3,), 1 / 3, dtype=torch.bfloat16), torch.full((7,), 1 / 7, dtype=torch.bfloat16)
+    assert (a.double().sum() - b.double().sum()).abs() > 1e-3  # far beyond float32 rounding
+    res = otcore.sinkhorn(torch.rand(3, 7), a, b, eps=0.1)
+    assert bool(res.converged) and float(res.marginal_error) < 1e-4  # b rescaled to the mass of a
+    a32 = torch.rand(1000).float()
+    a32 = a32 / a32.sum()
+    b32 = torch.full((5,), 0.2)
+    otcore.sinkhorn(torch.rand(1000, 5, dtype=F64), a32, b32, eps=0.5)  # float32 weights on a float64 cost
+    with pytest.raises(ValueError, match="mass"):
+        otcore.sinkhorn(torch.rand(3, 7), a=torch.full((3,), 1 / 3, dtype=torch.bfloat16),
+                        b=torch.full((7,), 1.1 / 7, dtype=torch.bfloat16), eps=0.1)
+
+
+def test_apply_refuses_to_downcast():
+    res = otcore.sinkhorn(C.float(), eps=0.1)
+    with pytest.raises(ValueError, match="v has dtype"):
+        res.apply(torch.rand(3, dtype=F64))
+    with pytest.raises(ValueError, match="v must be"):
+        res.apply(torch.ones(3, dtype=torch.int64))
+    half = res.apply(torch.rand(3).half())  # widening is exact
+    assert half.dtype == torch.float32

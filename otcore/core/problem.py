@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from otcore._validation import check_equal_mass, prepare_weights
+from otcore._validation import check_equal_mass, mass_rtol, prepare_weights
 from otcore.core.plan import DensePlan, EntropicPlan
 from otcore.core.result import OTResult
 from otcore.geometry import Geometry, as_geometry
@@ -46,6 +46,9 @@ class Problem:
 def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True) -> Problem:
     """Validate and broadcast; half-precision inputs are computed in float32.
 
+    A balanced problem's b is rescaled to the mass of a (a factor within the weights' rounding,
+    held constant in autograd), so that the marginal constraints are exactly compatible.
+
     ``validate=False`` keeps the shape checks but skips every check that reads tensor values
     (finiteness, signs, masses): no host synchronisation.
 
@@ -68,10 +71,15 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True) -> Pro
             batch = max(batch, w.shape[0])
     geom = geom.broadcast_to(batch)
     like = {"batch": batch, "dtype": compute, "device": geom.device, "validate": validate}
+    rtol = mass_rtol(compute, *(w.dtype for w in (a, b) if torch.is_tensor(w) and w.is_floating_point()))  # the weights' own precision
     a = prepare_weights("a", a, n=n, **like)
     b = prepare_weights("b", b, n=m, **like)
-    if balanced and validate:
-        check_equal_mass(geom.total(a, 0), geom.total(b, 1))
+    if balanced:
+        ma, mb = geom.total(a, 0), geom.total(b, 1)
+        if validate:
+            check_equal_mass(ma, mb, rtol)
+        # equal to the last bit, as a balanced problem needs (gaps within the weights' rounding)
+        b = b * (ma / mb).detach().unsqueeze(-1)
     return Problem(geom=geom, a=a, b=b, batched=batched, out_dtype=out_dtype)
 
 

@@ -71,9 +71,16 @@ class OTResult:
     def apply(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``P @ v`` (v: (m,) or (m, k)) or ``P^T @ v`` (v: (n,) or (n, k)) with ``transpose``.
 
-        Batched results take v of shape (B, m) or (B, m, k). Differentiable; never builds P.
+        Batched results take v of shape (B, m) or (B, m, k). Differentiable; never builds P. The
+        product is computed in the plan's dtype; a v of finer dtype raises (no silent downcast).
         """
         B, n, m = self.operator.geom.shape
+        compute = self.operator.geom.dtype
+        if not torch.is_tensor(v) or not v.is_floating_point():
+            raise ValueError(f"v must be a real floating tensor, got {getattr(v, 'dtype', type(v).__name__)}")
+        if torch.promote_types(v.dtype, compute) != compute:
+            raise ValueError(f"v has dtype {v.dtype}, finer than the plan's {compute}: casting it would lose "
+                             f"precision silently; pass v.to({compute}) or solve in {v.dtype}")
         length = n if transpose else m
         vector = v.dim() == (2 if self.batched else 1)
         vb = v.unsqueeze(-1) if vector else v

@@ -46,8 +46,8 @@ class PointCloud(Geometry):
                 raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() not in (2, 3):
                 raise ValueError(f"{name} must have shape (n, d) or (B, n, d), got {tuple(t.shape)}")
-            if t.shape[-2] == 0:
-                raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+            if 0 in t.shape[-2:]:
+                raise ValueError(f"{name} is empty: shape {tuple(t.shape)} (points need n >= 1 and d >= 1)")
             if not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
             if validate:

@@ -101,6 +101,8 @@ def sinkhorn(
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     max_iter = check_max_iter("max_iter", max_iter)
     eps_scaling = check_ratio("eps_scaling", eps_scaling)
+    implicit_rtol = None if implicit_rtol is None else check_positive("implicit_rtol", implicit_rtol)
+    implicit_max_iter = check_max_iter("implicit_max_iter", implicit_max_iter, minimum=0)
     problem = prepare_problem(cost, a, b, balanced=tau_a == 1.0 and tau_b == 1.0, validate=validate)
     geom = problem.geom
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
@@ -190,10 +192,14 @@ def _initial_potentials(init, problem: Problem, *, validate: bool):
         return None
     B, n, m = problem.geom.shape
     dtype = problem.geom.dtype
+    if not isinstance(init, (tuple, list)) or len(init) != 2:
+        raise ValueError(f"init must be a pair (f0, g0) of tensors, got {type(init).__name__}")
     f0, g0 = init
     for name, t, k in (("init[0]", f0, n), ("init[1]", g0, m)):
-        if not torch.is_tensor(t) or t.shape[-1] != k or t.dim() not in (1, 2):
-            raise ValueError(f"{name} must be a tensor of shape ({k},) or ({B}, {k})")
+        shaped = torch.is_tensor(t) and t.is_floating_point() and t.shape[-1:] == (k,)
+        if not shaped or t.dim() not in (1, 2) or (t.dim() == 2 and t.shape[0] not in (1, B)):
+            shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+            raise ValueError(f"{name} must be a real floating tensor of shape ({k},) or ({B}, {k}), got {shape}")
         if validate:
             check_finite(name, t)
     return (f0.detach().to(dtype).expand(B, n).clone(), g0.detach().to(dtype).expand(B, m).clone())
