@@ -67,6 +67,11 @@ class Geometry(ABC):
         """The same kind of geometry built on other tensors (same order as ``tensors``)."""
 
     @abstractmethod
+    def restricted(self, rows: slice, transpose: bool = False) -> Geometry:
+        """The geometry of rows ``rows`` of C (of columns ``rows`` when ``transpose``), built on
+        views of ``tensors`` in the same order."""
+
+    @abstractmethod
     def kernel_operands(self, transpose: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """(a, b, cost code) for the Triton op: a holds the output rows (the dense C, or points)."""
 
@@ -126,7 +131,7 @@ class Geometry(ABC):
     def max_cost(self) -> torch.Tensor:
         """Largest |C_ij| of each problem (B,), computed block by block without gradients."""
         with torch.no_grad():
-            return torch_blocked.map_rows(self, _abs_row_max, False, (), (), grad=False).amax(dim=-1)
+            return torch_blocked.map_rows(self, _abs_row_max).amax(dim=-1)
 
     # ----------------------------------------------------------------- shared machinery
     def _replace(self, **fields) -> Geometry:

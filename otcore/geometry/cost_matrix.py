@@ -53,6 +53,8 @@ class CostMatrix(Geometry):
     def cost_rows(self, rows, transpose=False):
         return (self.C.mT[:, rows] if transpose else self.C[:, rows]).to(self.dtype)
 
+    def restricted(self, rows, transpose=False):
+        return self.with_tensors(self.C[:, :, rows] if transpose else self.C[:, rows])
 
     def kernel_operands(self, transpose):
         return (self.C.mT if transpose else self.C), None, COST_DENSE

@@ -95,6 +95,8 @@ class PointCloud(Geometry):
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)
         return pairwise_cost(src[:, rows].to(self.dtype), dst.to(self.dtype), self.cost)
 
+    def restricted(self, rows, transpose=False):
+        return self.with_tensors(self.x, self.y[:, rows]) if transpose else self.with_tensors(self.x[:, rows], self.y)
 
     def kernel_operands(self, transpose):
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)

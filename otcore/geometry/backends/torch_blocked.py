@@ -1,9 +1,12 @@
 """The torch backend: a geometry's primitives computed one block of rows at a time.
 
-Without gradients, each block of scores ``h_j - C_ij / eps`` is written by the geometry
-(``fill_scores``) into a reused buffer and reduced in place (``kernels.softmin.blocked``). With
-gradients, each block runs the differentiable ``block_*`` function on ``cost_rows`` under
-activation checkpointing, so autograd keeps only the inputs and memory stays O(n + m) per call.
+Forward passes run without autograd: each block of scores ``h_j - C_ij / eps`` is written by
+the geometry (``fill_scores``) into a reused buffer and reduced in place
+(``kernels.softmin.blocked``). When gradients are needed, ``_Recomputed`` wraps that forward in
+an autograd function whose backward recomputes one block at a time with the differentiable
+``block_*`` functions and adds each block's gradients in place into preallocated totals. Memory
+stays O(n + m) per call in both passes, and no per-block allocation outlives its block (blocks
+that leave small tensors behind fragment the CPU heap: peak RSS then grows by gigabytes).
 
 Every function takes the geometry first and ``transpose`` (True: reduce over the rows of C,
 i.e. work on C^T); shapes are those of ``Geometry.softmin`` / ``kernel_apply`` / ``kernel_cost``.
@@ -15,23 +18,65 @@ import functools
 from collections.abc import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from otcore.kernels.softmin import blocked
 
 
-def map_rows(geom, block_fn: Callable[..., torch.Tensor], transpose: bool, row_args, col_args, grad: bool):
-    """Concatenate ``block_fn(cost_block, *row_args[rows], *col_args)`` over blocks of rows."""
+def map_rows(geom, block_fn: Callable[..., torch.Tensor], transpose: bool = False) -> torch.Tensor:
+    """``block_fn(cost_block)`` (B, r, ...) over blocks of rows, concatenated (no grad)."""
     B, n, m = geom.shape
     n_rows, row_len = (m, n) if transpose else (n, m)
-    outs = []
-    for rows in blocked.row_blocks(n_rows, row_len, B, blocked.block_elements(geom.device)):
-        def run(rows=rows):
-            sliced = [t[:, rows] if t is not None else None for t in row_args]
-            return block_fn(geom.cost_rows(rows, transpose), *sliced, *col_args)
+    with torch.no_grad():
+        blocks = blocked.row_blocks(n_rows, row_len, B, blocked.block_elements(geom.device))
+        return torch.cat([block_fn(geom.cost_rows(rows, transpose)) for rows in blocks], dim=1)
 
-        outs.append(checkpoint(run, use_reentrant=False) if grad else run())
-    return torch.cat(outs, dim=1)
+
+class _Recomputed(torch.autograd.Function):
+    """A blocked primitive: ``fast()`` forward, block-by-block recomputed backward.
+
+    ``inputs`` are ``n_row`` tensors indexed by the output rows (sliced per block), then tensors
+    shared by every block (None allowed), then the geometry's tensors. ``block_fn(cost_block,
+    *row_slices, *shared)`` is the differentiable computation of one block of outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, geom, block_fn, fast, transpose, n_row, *inputs):
+        ctx.geom, ctx.block_fn, ctx.transpose, ctx.n_row = geom, block_fn, transpose, n_row
+        ctx.save_for_backward(*inputs)
+        return fast()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        geom, transpose, n_row = ctx.geom, ctx.transpose, ctx.n_row
+        inputs = ctx.saved_tensors
+        n_geom = len(geom.tensors)
+        wanted = ctx.needs_input_grad[5:]
+        totals = [torch.zeros_like(t) if need else None for t, need in zip(inputs, wanted, strict=True)]
+        leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, wanted, strict=True)]
+        leaf_geom = geom.with_tensors(*leaves[-n_geom:])
+        total_geom = geom.with_tensors(*(t if t is not None else g for t, g in zip(totals[-n_geom:], geom.tensors, strict=True)))
+        B, n, m = geom.shape
+        n_rows, row_len = (m, n) if transpose else (n, m)
+        for rows in blocked.row_blocks(n_rows, row_len, B, blocked.block_elements(geom.device)):
+            with torch.enable_grad():
+                block = leaf_geom.restricted(rows, transpose)
+                row_leaves = [t[:, rows] if t is not None else None for t in leaves[:n_row]]
+                out = ctx.block_fn(block.cost_rows(slice(None), transpose), *row_leaves, *leaves[n_row:-n_geom])
+                sources = [*row_leaves, *leaves[n_row:-n_geom], *block.tensors]
+                targets = [*(t[:, rows] if t is not None else None for t in totals[:n_row]),
+                           *totals[n_row:-n_geom], *total_geom.restricted(rows, transpose).tensors]
+                pairs = [(s, t) for s, t, need in zip(sources, targets, wanted, strict=True) if need]
+                grads = torch.autograd.grad(out, [s for s, _ in pairs], grad_out[:, rows], allow_unused=True)
+            for (_, total), grad in zip(pairs, grads, strict=True):
+                if grad is not None:
+                    total.add_(grad)
+        return (None, None, None, None, None, *totals)
+
+
+def _recomputed(geom, block_fn, fast, transpose: bool, row_args, shared_args) -> torch.Tensor:
+    return _Recomputed.apply(geom, block_fn, fast, transpose, len(row_args), *row_args, *shared_args, *geom.tensors)
 
 
 def _fused(geom, block_fn, transpose: bool) -> torch.Tensor:
@@ -51,9 +96,14 @@ def _scores(geom, rows: slice, buffers, h: torch.Tensor, inv_eps: float, transpo
 
 
 def softmin(geom, h, eps, weights, transpose):
+    fast = functools.partial(_softmin, geom, h, eps, weights, transpose)
     if geom.needs_grad(h, weights):
         block = functools.partial(blocked.block_softmin, eps=eps)
-        return map_rows(geom, block, transpose, (), (h, weights), grad=True)
+        return _recomputed(geom, block, fast, transpose, (), (h, weights))
+    return fast()
+
+
+def _softmin(geom, h, eps, weights, transpose):
     with torch.no_grad():
         scaled = h / eps + blocked.log_weights(weights, h)
         streamed = geom.stream_lse(scaled, 1.0 / eps, transpose)
@@ -69,9 +119,14 @@ def softmin(geom, h, eps, weights, transpose):
 
 
 def kernel_apply(geom, f, g, eps, weights, v, transpose):
+    fast = functools.partial(_kernel_apply, geom, f, g, eps, weights, v, transpose)
     if geom.needs_grad(f, g, weights, v):
         block = functools.partial(blocked.block_kernel_apply, eps=eps)
-        return map_rows(geom, block, transpose, (f,), (g, weights, v), grad=True)
+        return _recomputed(geom, block, fast, transpose, (f,), (g, weights, v))
+    return fast()
+
+
+def _kernel_apply(geom, f, g, eps, weights, v, transpose):
     with torch.no_grad():
         scaled = g / eps + blocked.log_weights(weights, g)
 
@@ -84,9 +139,14 @@ def kernel_apply(geom, f, g, eps, weights, v, transpose):
 
 
 def kernel_cost(geom, f, g, eps, weights):
+    fast = functools.partial(_kernel_cost, geom, f, g, eps, weights)
     if geom.needs_grad(f, g, weights):
         block = functools.partial(blocked.block_kernel_cost, eps=eps)
-        return map_rows(geom, block, False, (f,), (g, weights), grad=True)
+        return _recomputed(geom, block, fast, False, (f,), (g, weights))
+    return fast()
+
+
+def _kernel_cost(geom, f, g, eps, weights):
     with torch.no_grad():
         zeros = torch.zeros_like(g)
         w = torch.ones_like(g) if weights is None else weights

@@ -42,11 +42,15 @@ def dual_value(
 
     D = <a, psi_a(f)> + <b, psi_b(g)> - eps (sum P - |a| |b|), with sum P obtained from one row
     softmin. At the optimum it equals <P, C> + eps KL(P || a x b) (+ the marginal penalties).
+
+    sum P - |a| |b| = sum_i a_i expm1((f_i - s_i)/eps) + |a| (1 - |b|) (s: the row softmin) is
+    computed in that form: at large eps both sums are ~|a| and their rounding, times eps, would
+    swamp the value.
     """
     s = geom.softmin(g, eps, b, axis=1)
-    mass = geom.total(a * torch.exp((f - s) / eps), 0)
     total_a, total_b = geom.total(a, 0), geom.total(b, 1)
-    return geom.total(a * psi(f, rho_a), 0) + geom.total(b * psi(g, rho_b), 1) - eps * (mass - total_a * total_b)
+    excess = geom.total(a * torch.expm1((f - s) / eps), 0) + total_a * (1 - total_b)
+    return geom.total(a * psi(f, rho_a), 0) + geom.total(b * psi(g, rho_b), 1) - eps * excess
 
 
 def row_error(geom: Geometry, a: torch.Tensor, f: torch.Tensor, f_new: torch.Tensor, eps: float) -> torch.Tensor:
