@@ -75,3 +75,29 @@ def test_half_precision_clouds_far_from_the_origin_on_the_torch_path():
     exact = otcore.sinkhorn(sqdist(x.double(), y.double()), eps=0.1, tol=1e-10)
     assert res.value.dtype == torch.float16
     torch.testing.assert_close(res.value.double(), exact.value, rtol=2e-3, atol=0)
+
+
+def float64_marginal_error(C: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float) -> float:
+    """|P1 - a|_1 + |P^T 1 - b|_1 of the uniform-weight plan of (f, g), evaluated in float64."""
+    n, m = C.shape
+    P = torch.exp((f.double()[:, None] + g.double()[None] - C.double()) / eps) / (n * m)
+    return float((P.sum(1) - 1 / n).abs().sum() + (P.sum(0) - 1 / m).abs().sum())
+
+
+@pytest.mark.parametrize("offset,eps", [(0.0, 1e-3), (10.0, 0.1), (10.0, 0.01)])
+def test_float32_converged_flag_holds_in_float64(offset, eps):
+    """Where float32 potentials are large against eps, ``converged`` is what float64 confirms."""
+    C = torch.rand(30, 20, generator=torch.Generator().manual_seed(0)) + offset
+    res = otcore.sinkhorn(C, eps=eps, max_iter=5000)
+    assert bool(res.converged)
+    assert float64_marginal_error(C, res.f, res.g, eps) <= 1e-4
+
+
+def test_float32_cannot_vouch_for_tol_at_a_large_offset():
+    """|f|/eps ~ 1e4: float32 rounding alone (~6e-4) exceeds tol; the solve says so."""
+    C = torch.rand(30, 20, generator=torch.Generator().manual_seed(0)) + 1000
+    with pytest.warns(otcore.ConvergenceWarning, match="float64"):
+        res = otcore.sinkhorn(C, eps=0.1)
+    assert not bool(res.converged)
+    assert float64_marginal_error(C, res.f, res.g, 0.1) > 1e-4
+    assert float(res.info["error_float64"]) > 1e-4

@@ -83,12 +83,22 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True) -> Pro
     return Problem(geom=geom, a=a, b=b, batched=batched, out_dtype=out_dtype)
 
 
-def warn_not_converged(solver: str, *, converged: torch.Tensor, failed: torch.Tensor, max_iter: int) -> None:
-    """One ``ConvergenceWarning`` when any problem did not converge (reads ``converged`` on the host)."""
+def warn_not_converged(
+    solver: str, *, converged: torch.Tensor, failed: torch.Tensor, max_iter: int,
+    imprecise: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+) -> None:
+    """One ``ConvergenceWarning`` when any problem did not converge (reads ``converged`` on the host).
+
+    ``imprecise`` marks the problems that met tol in ``dtype`` but not when re-evaluated in float64.
+    """
     if bool(converged.all()):
         return
     n_bad, n_nan = int((~converged).sum()), int(failed.sum())
+    n_imprecise = 0 if imprecise is None else int(imprecise.sum())
     reason = f"{n_nan} stopped on a non-finite iterate, " if n_nan else ""
+    if n_imprecise:
+        reason += (f"{n_imprecise} met tol in {dtype} but not in float64 (potentials too large against eps for "
+                   f"{dtype}: solve in float64, loosen tol or increase eps), ")
     warnings.warn(
         f"{solver}: {n_bad} of {converged.numel()} problem(s) did not converge ({reason}max_iter={max_iter}); "
         "result.converged is False for them. Raise max_iter, loosen tol or increase eps.",

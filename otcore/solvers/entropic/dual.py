@@ -53,12 +53,50 @@ def dual_value(
     return geom.total(a * psi(f, rho_a), 0) + geom.total(b * psi(g, rho_b), 1) - eps * excess
 
 
-def row_error(geom: Geometry, a: torch.Tensor, f: torch.Tensor, f_new: torch.Tensor, eps: float) -> torch.Tensor:
+def row_error(
+    geom: Geometry, a: torch.Tensor, f: torch.Tensor, f_new: torch.Tensor, eps: float, axis: int = 0
+) -> torch.Tensor:
     """|P1 - a|_1 of potentials (f, g) whose row update gives ``f_new`` = softmin(g): (B,).
 
-    (P1)_i = a_i exp((f_i - f_new_i)/eps), so the error needs no plan product.
+    (P1)_i = a_i exp((f_i - f_new_i)/eps), so the error needs no plan product. With ``axis=1``
+    the same for the columns: |P^T 1 - b|_1 from (b, g, g_new).
     """
-    return geom.total((a * torch.expm1((f - f_new) / eps)).abs(), 0)
+    return geom.total((a * torch.expm1((f - f_new) / eps)).abs(), axis)
+
+
+def rounding_error(f: torch.Tensor, g: torch.Tensor, eps: float, mass: torch.Tensor | float) -> torch.Tensor:
+    """Bound on the rounding in a marginal error measured from potentials (f, g) in their dtype: (B,).
+
+    Each plan entry is exp of (f_i + g_j - C_ij)/eps, rounded by about u (|f| + |g|)/eps (u: unit
+    roundoff); summed over a plan of total ``mass`` per marginal, twice that.
+    """
+    scale = f.detach().abs().amax(-1) + g.detach().abs().amax(-1)
+    return scale * (torch.finfo(f.dtype).eps / eps) * mass
+
+
+def certified(
+    geom: Geometry, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor, *, eps: float,
+    rho_a: float, rho_b: float, tol: float, converged: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``converged``, re-judged in float64 where the compute dtype cannot resolve ``tol``.
+
+    Where the ``rounding_error`` of a marginal error measured in the compute dtype exceeds tol/10
+    the measurement cannot vouch for tol: those problems get their returned potentials evaluated
+    in float64 (row and column residuals, as ``row_error``), and ``converged`` only where that
+    meets ``tol``. Returns (converged, the float64 errors (B,) or None when none was needed).
+    Reads one flag on the host; a dense cost is copied to float64 for the check.
+    """
+    if geom.dtype == torch.float64 or tol == 0:
+        return converged, None
+    if not bool((converged & (rounding_error(f, g, eps, 1.0) > tol / 10)).any()):
+        return converged, None
+    with torch.no_grad():
+        geom64 = geom.to_dtype(torch.float64)
+        a64, b64, f64, g64 = (t.double() for t in (a, b, f, g))
+        f_new = tau_of(rho_a, eps) * geom64.softmin(g64, eps, b64, axis=1)
+        g_new = tau_of(rho_b, eps) * geom64.softmin(f64, eps, a64, axis=0)
+        error = row_error(geom64, a64, f64, f_new, eps) + row_error(geom64, b64, g64, g_new, eps, axis=1)
+    return converged & (error <= tol), error
 
 
 def eps_schedule(geom: Geometry, eps: float, ratio: float | None) -> list[float]:

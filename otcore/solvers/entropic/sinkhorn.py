@@ -16,6 +16,8 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -27,7 +29,15 @@ from otcore.core.loop import LoopOutcome, SinkhornProgress, fixed_point_loop, pr
 from otcore.core.plan import EntropicPlan
 from otcore.core.problem import Problem, prepare_problem, warn_not_converged
 from otcore.core.result import OTResult
-from otcore.solvers.entropic.dual import default_tol, dual_value, eps_schedule, rho_of, row_error, tau_of
+from otcore.solvers.entropic.dual import (
+    certified,
+    default_tol,
+    dual_value,
+    eps_schedule,
+    rho_of,
+    row_error,
+    tau_of,
+)
 
 GRAD_MODES = ("implicit", "unroll", "envelope")
 
@@ -90,7 +100,12 @@ def sinkhorn(
         implicit_rtol, implicit_max_iter: conjugate-gradient settings of the implicit backward.
 
     Returns:
-        ``OTResult`` (batched if any input was). ``info`` holds ``{"error": final residual (B,)}``.
+        ``OTResult`` (batched if any input was). ``info`` holds ``{"error": final residual (B,)}``
+        and, where float32 potentials were large against eps (|f| + |g| > eps tol / (10 u)),
+        ``"error_float64"``: their marginal error re-evaluated in float64, which ``converged``
+        then also requires to be <= tol (a float32 residual cannot resolve tol there). A solve
+        stopped by a float32 error that float64 does not confirm iterates on (within
+        ``max_iter``) to tol / 4 before it is judged again.
 
     Raises:
         ValueError: invalid shapes, weights, costs, eps, tau, grad or unequal balanced masses.
@@ -110,15 +125,25 @@ def sinkhorn(
     check_every = resolve_check_every(check_every, geom.device)
     callbacks = progress_callbacks("sinkhorn", callback, verbose)
 
+    solve = functools.partial(run_sinkhorn, problem, eps=eps, rho_a=rho_a, rho_b=rho_b, check_every=check_every,
+                              callbacks=callbacks)
+    judge = functools.partial(certified, geom, problem.a, problem.b, eps=eps, rho_a=rho_a, rho_b=rho_b, tol=tol)
     with torch.set_grad_enabled(grad == "unroll" and torch.is_grad_enabled()):
-        outcome = run_sinkhorn(
-            problem, eps=eps, rho_a=rho_a, rho_b=rho_b, max_iter=max_iter, tol=tol,
-            init=_initial_potentials(init, problem, validate=validate),
-            schedule=eps_schedule(geom, eps, eps_scaling), check_every=check_every, callbacks=callbacks,
-        )
+        outcome = solve(max_iter=max_iter, tol=tol, init=_initial_potentials(init, problem, validate=validate),
+                        schedule=eps_schedule(geom, eps, eps_scaling))
         f, g = outcome.state
+        converged, error64 = judge(f.detach(), g.detach(), converged=outcome.converged)
+        remaining = max_iter - int(outcome.n_iter.max()) if error64 is not None else 0
+        if remaining > 0 and bool((outcome.converged & ~converged).any()):
+            # stopped by a float32 error that float64 does not confirm: iterate on to a tighter tol
+            more = solve(max_iter=remaining, tol=tol / 4, init=(f, g))
+            outcome = dataclasses.replace(more, n_iter=outcome.n_iter + more.n_iter)
+            f, g = outcome.state
+            converged, error64 = judge(f.detach(), g.detach(), converged=~outcome.failed)  # tol itself, in float64
+    info = {"error": outcome.error} if error64 is None else {"error": outcome.error, "error_float64": error64}
     if warn and (tol > 0 or validate):
-        warn_not_converged("sinkhorn", converged=outcome.converged, failed=outcome.failed, max_iter=max_iter)
+        warn_not_converged("sinkhorn", converged=converged, failed=outcome.failed, max_iter=max_iter,
+                           imprecise=None if error64 is None else outcome.converged & ~converged, dtype=geom.dtype)
 
     if grad != "unroll":  # value: envelope theorem; f, g: constants (envelope) or implicit
         f, g = f.detach(), g.detach()
@@ -127,8 +152,8 @@ def sinkhorn(
     if grad == "implicit" and needs_implicit(point):
         f, g = implicit_potentials(point, f, g, rtol=implicit_rtol, max_iter=implicit_max_iter)
     return problem.result(
-        f=f, g=g, value=value, n_iter=outcome.n_iter, converged=outcome.converged,
-        operator=EntropicPlan(geom, problem.a, problem.b, f, g, eps), eps=eps, info={"error": outcome.error},
+        f=f, g=g, value=value, n_iter=outcome.n_iter, converged=converged,
+        operator=EntropicPlan(geom, problem.a, problem.b, f, g, eps), eps=eps, info=info,
     )
 
 
