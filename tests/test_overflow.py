@@ -101,3 +101,32 @@ def test_float32_cannot_vouch_for_tol_at_a_large_offset():
     assert not bool(res.converged)
     assert float64_marginal_error(C, res.f, res.g, 0.1) > 1e-4
     assert float(res.info["error_float64"]) > 1e-4
+
+
+def test_half_outputs_beyond_range_are_not_converged():
+    """Clouds at scale 1e3 have costs ~1e6 > float16's 65504: the cast outputs are not passed off."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = (torch.rand(30, 2, generator=gen) * 1e3).half(), (torch.rand(20, 2, generator=gen) * 1e3).half()
+    with pytest.warns(otcore.ConvergenceWarning, match="range of torch.float16"):
+        res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=1e5)
+    assert not bool(res.converged) and not bool(torch.isfinite(res.f).all())
+    with pytest.warns(otcore.ConvergenceWarning, match="range of torch.float16"):
+        exact = otcore.emd(otcore.PointCloud(x, y))
+    assert not bool(exact.converged)
+    fine = otcore.sinkhorn(otcore.PointCloud(x / 100, y / 100), eps=10.0)  # in range: converged as usual
+    assert bool(fine.converged) and bool(torch.isfinite(fine.f).all())
+
+
+def test_plan_with_zero_weights_at_tiny_eps_is_finite():
+    """Zero-weight rows and columns at eps = 1e-4 x the cost scale: P = 0 there, not 0 * inf."""
+    bad = 0
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        C = torch.rand(8, 7, generator=gen)
+        a, b = torch.rand(8, generator=gen), torch.rand(7, generator=gen)
+        a[:2], b[:1] = 0, 0
+        res = otcore.sinkhorn(C, a / a.sum(), b / b.sum(), eps=1e-4, max_iter=200, warn=False)
+        P = res.plan
+        bad += not bool(torch.isfinite(P).all())
+        assert bool((P[:2] == 0).all()) and bool((P[:, :1] == 0).all())
+    assert bad == 0

@@ -8,9 +8,12 @@ with ``transpose``). Sums over points go through the geometry (``Geometry.total`
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from otcore.geometry import Geometry
+from otcore.kernels.softmin.blocked import EXP_CEIL
 
 
 class _Plan:
@@ -48,7 +51,12 @@ class EntropicPlan(_Plan):
         """The plan as a (B, n, m) tensor (allocates n x m); ``cost``: the materialised C, if at hand."""
         cost = self.geom.materialize() if cost is None else cost
         logits = (self.f.unsqueeze(-1) + self.g.unsqueeze(-2) - cost) / self.eps
-        return self.a.unsqueeze(-1) * self.b.unsqueeze(-2) * torch.exp(logits)
+        w = self.a.unsqueeze(-1) * self.b.unsqueeze(-2)
+        positive = w > 0
+        # log a_i b_j joins the exponent (exp(logits) alone may overflow where P_ij does not);
+        # zero-weight entries are 0, with the derivative in the weight kept finite
+        inside = torch.where(positive, logits + torch.log(torch.where(positive, w, 1.0)), -math.inf).exp()
+        return torch.where(positive, inside, w * torch.exp(logits.clamp(max=EXP_CEIL)))
 
     def transport_cost(self) -> torch.Tensor:
         """<P, C> per problem: (B,)."""

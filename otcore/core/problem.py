@@ -4,7 +4,9 @@ and a solver's batched outputs back into an ``OTResult`` of the user's shapes an
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -24,6 +26,18 @@ class Problem:
     b: torch.Tensor
     batched: bool
     out_dtype: torch.dtype
+
+    def output_overflow(self, *outputs: torch.Tensor) -> torch.Tensor:
+        """(B,) True where a batched output (B, ...) overflows the output dtype (half inputs are
+        computed in float32 and cast back); all False when the dtypes agree."""
+        B = self.a.shape[0]
+        over = torch.zeros(B, dtype=torch.bool, device=self.a.device)
+        if self.out_dtype == self.geom.dtype:
+            return over
+        limit = torch.finfo(self.out_dtype).max
+        for t in outputs:
+            over = over | (t.detach().abs() > limit).reshape(B, -1).any(-1)
+        return over
 
     def result(
         self, *, f: torch.Tensor, g: torch.Tensor, value: torch.Tensor, n_iter: torch.Tensor,
@@ -84,24 +98,21 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True) -> Pro
 
 
 def warn_not_converged(
-    solver: str, *, converged: torch.Tensor, failed: torch.Tensor, max_iter: int,
-    imprecise: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+    solver: str, *, converged: torch.Tensor, max_iter: int, causes: Mapping[str, torch.Tensor | None] = MappingProxyType({}),
 ) -> None:
     """One ``ConvergenceWarning`` when any problem did not converge (reads ``converged`` on the host).
 
-    ``imprecise`` marks the problems that met tol in ``dtype`` but not when re-evaluated in float64.
+    ``causes`` maps a description ("stopped on a non-finite iterate") to the (B,) mask of the
+    problems it explains; the warning counts each.
     """
     if bool(converged.all()):
         return
-    n_bad, n_nan = int((~converged).sum()), int(failed.sum())
-    n_imprecise = 0 if imprecise is None else int(imprecise.sum())
-    reason = f"{n_nan} stopped on a non-finite iterate, " if n_nan else ""
-    if n_imprecise:
-        reason += (f"{n_imprecise} met tol in {dtype} but not in float64 (potentials too large against eps for "
-                   f"{dtype}: solve in float64, loosen tol or increase eps), ")
+    reasons = "".join(f"{int(mask.sum())} {text}, " for text, mask in causes.items()
+                      if mask is not None and bool(mask.any()))
     warnings.warn(
-        f"{solver}: {n_bad} of {converged.numel()} problem(s) did not converge ({reason}max_iter={max_iter}); "
-        "result.converged is False for them. Raise max_iter, loosen tol or increase eps.",
+        f"{solver}: {int((~converged).sum())} of {converged.numel()} problem(s) did not converge "
+        f"({reasons}max_iter={max_iter}); result.converged is False for them. "
+        "Raise max_iter, loosen tol or increase eps.",
         ConvergenceWarning,
         stacklevel=3,
     )

@@ -111,8 +111,8 @@ def sinkhorn_divergence(
                                    schedule=eps_schedule(geom, eps, eps_scaling), first_check=1 if identical else 2,
                                    check_every=checks, callbacks=callbacks)
     if warn and (tol > 0 or validate):
-        warn_not_converged("sinkhorn_divergence", converged=outcome.converged, failed=outcome.failed,
-                           max_iter=max_iter)
+        warn_not_converged("sinkhorn_divergence", converged=outcome.converged, max_iter=max_iter,
+                           causes={"stopped on a non-finite iterate": outcome.failed})
 
     state = outcome.state if unroll else tuple(t.detach() for t in outcome.state)
     if identical:

@@ -50,11 +50,14 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
     plan = torch.as_tensor(np.stack(plans), **like)
     f = torch.as_tensor(np.stack(fs), **like)
     g = torch.as_tensor(np.stack(gs), **like)
-    converged = torch.tensor(ok, device=C.device)
-    if warn:
-        warn_not_converged("emd", converged=converged, failed=torch.zeros_like(converged), max_iter=max_iter)
     # <P*, C> with the optimal plan held fixed, plus first-order terms in the weights (duals).
     value = (plan * C).sum((-2, -1)) + ((a - a.detach()) * f).sum(-1) + ((b - b.detach()) * g).sum(-1)
+    overflow = problem.output_overflow(f, g, value)
+    converged = torch.tensor(ok, device=C.device) & ~overflow
+    if warn:
+        warn_not_converged("emd", converged=converged, max_iter=max_iter, causes={
+            f"have outputs beyond the range of {problem.out_dtype} (solve in float32)": overflow,
+        })
     n_iter = torch.zeros(B, dtype=torch.int64, device=C.device)
     return problem.result(f=f, g=g, value=value, n_iter=n_iter, converged=converged,
                           operator=DensePlan(geom, a, b, plan, C))

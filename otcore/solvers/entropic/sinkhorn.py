@@ -141,13 +141,19 @@ def sinkhorn(
             f, g = outcome.state
             converged, error64 = judge(f.detach(), g.detach(), converged=~outcome.failed)  # tol itself, in float64
     info = {"error": outcome.error} if error64 is None else {"error": outcome.error, "error_float64": error64}
-    if warn and (tol > 0 or validate):
-        warn_not_converged("sinkhorn", converged=converged, failed=outcome.failed, max_iter=max_iter,
-                           imprecise=None if error64 is None else outcome.converged & ~converged, dtype=geom.dtype)
-
     if grad != "unroll":  # value: envelope theorem; f, g: constants (envelope) or implicit
         f, g = f.detach(), g.detach()
     value = dual_value(geom, problem.a, problem.b, f, g, eps=eps, rho_a=rho_a, rho_b=rho_b)
+    overflow = problem.output_overflow(f, g, value)
+    imprecise = None if error64 is None else outcome.converged & ~converged
+    converged = converged & ~overflow
+    if warn and (tol > 0 or validate):
+        warn_not_converged("sinkhorn", converged=converged, max_iter=max_iter, causes={
+            "stopped on a non-finite iterate": outcome.failed,
+            f"met tol in {geom.dtype} but not in float64 (potentials too large against eps for {geom.dtype}: "
+            "solve in float64, loosen tol or increase eps)": imprecise,
+            f"have outputs beyond the range of {problem.out_dtype} (solve in float32)": overflow,
+        })
     point = FixedPoint(geom=geom, a=problem.a, b=problem.b, eps=eps, tau_a=tau_a, tau_b=tau_b)
     if grad == "implicit" and needs_implicit(point):
         f, g = implicit_potentials(point, f, g, rtol=implicit_rtol, max_iter=implicit_max_iter)

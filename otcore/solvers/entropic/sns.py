@@ -33,7 +33,7 @@ from otcore.core.loop import select
 from otcore.core.plan import DensePlan, EntropicPlan
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.core.result import OTResult
-from otcore.solvers.entropic.dual import default_tol, dual_value
+from otcore.solvers.entropic.dual import certified, default_tol, dual_value
 from otcore.solvers.entropic.sinkhorn import run_sinkhorn
 
 STEPS = (1.0, 0.5, 0.25, 0.1)
@@ -203,14 +203,24 @@ def sns(
         f, g = state.f, state.g
         finite = torch.isfinite(state.error)
         converged = state.error <= tol if tol > 0 else finite  # tol=0: max_iter Newton steps, as in sinkhorn
-    if warn:
-        warn_not_converged("sns", converged=converged, failed=~finite, max_iter=max_iter)
-
+    converged, error64 = certified(geom, a, b, f, g, eps=eps, rho_a=math.inf, rho_b=math.inf, tol=tol,
+                                   converged=converged)
     value = dual_value(geom, a, b, f, g, eps=eps)
+    overflow = problem.output_overflow(f, g, value)
+    imprecise = None if error64 is None else (state.error <= tol) & ~converged
+    converged = converged & ~overflow
+    if warn:
+        warn_not_converged("sns", converged=converged, max_iter=max_iter, causes={
+            "stopped on a non-finite iterate": ~finite,
+            f"met tol in {geom.dtype} but not in float64 (solve in float64 or loosen tol)": imprecise,
+            f"have outputs beyond the range of {problem.out_dtype} (solve in float32)": overflow,
+        })
     point = FixedPoint(geom=geom, a=a, b=b, eps=eps)
     if grad == "implicit" and needs_implicit(point):
         f, g = implicit_potentials(point, f, g)
     info = {"sinkhorn_iter": n_sinkhorn, "newton_iter": n_newton, "error": state.error}
+    if error64 is not None:
+        info["error_float64"] = error64
     return problem.result(f=f, g=g, value=value, n_iter=n_sinkhorn + n_newton, converged=converged,
                           operator=EntropicPlan(geom, a, b, f, g, eps), eps=eps, info=info)
 
