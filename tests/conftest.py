@@ -48,3 +48,16 @@ def gen() -> torch.Generator:
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+# Hypothesis profiles. The default profile is not touched, so a plain run of the suite behaves as
+# before (test_invariants.py sets its own max_examples and deadline). "deep" is for nightly runs
+# of the fuzz campaign:
+#     pytest tests/test_fuzz.py --hypothesis-profile=deep
+# test_fuzz.py runs a bounded budget per test under the default profile (max_examples 100, under
+# 2 minutes in all on a 2-core CPU) and multiplies it by the loaded profile's max_examples / 100
+# (10 under "deep", which also shrinks failing examples).
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("deep", max_examples=1000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
