@@ -38,19 +38,35 @@ def dual_value(
     geom: Geometry, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor, *, eps: float,
     rho_a: float = math.inf, rho_b: float = math.inf,
 ) -> torch.Tensor:
-    """Regularised OT objective through the dual, (B,).
+    """Regularised OT objective through the dual at (tau_a softmin(g), g), (B,).
 
-    D = <a, psi_a(f)> + <b, psi_b(g)> - eps (sum P - |a| |b|), with sum P obtained from one row
-    softmin. At the optimum it equals <P, C> + eps KL(P || a x b) (+ the marginal penalties).
+    D(f, g) = <a, psi_a(f)> + <b, psi_b(g)> - eps (sum P - |a| |b|) is maximised over f by
+    f~ = tau_a softmin(g) (the c-transform; one row softmin), which is where it is evaluated:
+    the value is then finite for any g (a lower bound on the optimum, by weak duality, in the
+    balanced case) and equals <P, C> + eps KL(P || a x b) (+ the marginal penalties) at the
+    optimum, where f = f~. ``f`` itself is not read; it is kept in the signature so that every
+    caller passes the potentials it holds. Zero weights take no part (their terms are 0).
 
-    sum P - |a| |b| = sum_i a_i expm1((f_i - s_i)/eps) + |a| (1 - |b|) (s: the row softmin) is
+    sum P - |a| |b| = sum_i a_i expm1((f~_i - s_i)/eps) + |a| (1 - |b|) (s: the row softmin) is
     computed in that form: at large eps both sums are ~|a| and their rounding, times eps, would
     swamp the value.
     """
+    del f
     s = geom.softmin(g, eps, b, axis=1)
+    f = tau_of(rho_a, eps) * s
     total_a, total_b = geom.total(a, 0), geom.total(b, 1)
-    excess = geom.total(a * torch.expm1((f - s) / eps), 0) + total_a * (1 - total_b)
-    return geom.total(a * psi(f, rho_a), 0) + geom.total(b * psi(g, rho_b), 1) - eps * excess
+    excess = geom.total(_weighted(a, torch.expm1((f - s) / eps), rho_a), 0) + total_a * (1 - total_b)
+    return (geom.total(_weighted(a, psi(f, rho_a), rho_a), 0) + geom.total(_weighted(b, psi(g, rho_b), rho_b), 1)
+            - eps * excess)
+
+
+def _weighted(w: torch.Tensor, t: torch.Tensor, rho: float) -> torch.Tensor:
+    """``w * t``; with a KL marginal (finite rho) 0 where w = 0, whatever t is there (an
+    unbalanced potential's exponential term may overflow where its weight is 0). Balanced terms
+    are finite, and keep their derivative in a zero weight."""
+    if math.isinf(rho):
+        return w * t
+    return torch.where(w > 0, w * torch.where(w > 0, t, 0.0), 0.0)
 
 
 def row_error(
