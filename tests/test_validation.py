@@ -81,7 +81,7 @@ def test_mass_tolerance_scales_with_dtype():
     ("eps", "0.1"), ("eps", True), ("eps", None), ("eps", 1j),
     ("tau_a", "x"), ("tau_a", None), ("tau_b", float("nan")),
     ("max_iter", None), ("max_iter", "10"), ("max_iter", True),
-    ("tol", "1e-3"), ("tol", None if False else float("nan")),
+    ("tol", "1e-3"), ("tol", float("nan")),
     ("implicit_rtol", -1e-6), ("implicit_rtol", 0.0), ("implicit_max_iter", -1), ("implicit_max_iter", None),
     ("eps_scaling", "0.5"),
 ])

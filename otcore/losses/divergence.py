@@ -117,12 +117,12 @@ def sinkhorn_divergence(
     state = outcome.state if unroll else tuple(t.detach() for t in outcome.state)
     if identical:
         (p,) = state
-        f, g, px, py = p, p, p, p
+        g, px, py = p, p, p
     else:
-        f, g, px, py = state
-    ot_xy = dual_value(geom, wa, wb, f, g, eps=eps)
-    ot_xx = dual_value(self_x, wa, wa, px, px, eps=eps)
-    ot_yy = dual_value(self_y, wb, wb, py, py, eps=eps)
+        _, g, px, py = state  # the value needs g alone (f enters as the c-transform of g)
+    ot_xy = dual_value(geom, wa, wb, g, eps=eps)
+    ot_xx = dual_value(self_x, wa, wa, px, eps=eps)
+    ot_yy = dual_value(self_y, wb, wb, py, eps=eps)
     value = ot_xy - 0.5 * ot_xx - 0.5 * ot_yy
     return (value if problem.batched else value.squeeze(0)).to(problem.out_dtype)
 

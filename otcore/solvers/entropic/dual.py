@@ -35,7 +35,7 @@ def tau_of(rho: float, eps: float) -> float:
 
 
 def dual_value(
-    geom: Geometry, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor, *, eps: float,
+    geom: Geometry, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, *, eps: float,
     rho_a: float = math.inf, rho_b: float = math.inf,
 ) -> torch.Tensor:
     """Regularised OT objective through the dual at (tau_a softmin(g), g), (B,).
@@ -44,14 +44,13 @@ def dual_value(
     f~ = tau_a softmin(g) (the c-transform; one row softmin), which is where it is evaluated:
     the value is then finite for any g (a lower bound on the optimum, by weak duality, in the
     balanced case) and equals <P, C> + eps KL(P || a x b) (+ the marginal penalties) at the
-    optimum, where f = f~. ``f`` itself is not read; it is kept in the signature so that every
-    caller passes the potentials it holds. Zero weights take no part (their terms are 0).
+    optimum, where f = f~, so only g is needed. Unbalanced zero-weight terms are 0 (see
+    ``_weighted``).
 
     sum P - |a| |b| = sum_i a_i expm1((f~_i - s_i)/eps) + |a| (1 - |b|) (s: the row softmin) is
     computed in that form: at large eps both sums are ~|a| and their rounding, times eps, would
     swamp the value.
     """
-    del f
     s = geom.softmin(g, eps, b, axis=1)
     f = tau_of(rho_a, eps) * s
     total_a, total_b = geom.total(a, 0), geom.total(b, 1)
@@ -80,31 +79,23 @@ def row_error(
     return geom.total((a * torch.expm1((f - f_new) / eps)).abs(), axis)
 
 
-def rounding_error(f: torch.Tensor, g: torch.Tensor, eps: float, mass: torch.Tensor | float) -> torch.Tensor:
-    """Bound on the rounding in a marginal error measured from potentials (f, g) in their dtype: (B,).
-
-    Each plan entry is exp of (f_i + g_j - C_ij)/eps, rounded by about u (|f| + |g|)/eps (u: unit
-    roundoff); summed over a plan of total ``mass`` per marginal, twice that.
-    """
-    scale = f.detach().abs().amax(-1) + g.detach().abs().amax(-1)
-    return scale * (torch.finfo(f.dtype).eps / eps) * mass
-
-
 def certified(
     geom: Geometry, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor, *, eps: float,
     rho_a: float, rho_b: float, tol: float, converged: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``converged``, re-judged in float64 where the compute dtype cannot resolve ``tol``.
 
-    Where the ``rounding_error`` of a marginal error measured in the compute dtype exceeds tol/10
-    the measurement cannot vouch for tol: those problems get their returned potentials evaluated
+    A marginal error measured in a dtype of unit roundoff u rests on exponents
+    (f_i + g_j - C_ij)/eps rounded by about u (|f| + |g|)/eps; where that exceeds tol/10 the
+    measurement cannot vouch for tol: those problems get their returned potentials evaluated
     in float64 (row and column residuals, as ``row_error``), and ``converged`` only where that
     meets ``tol``. Returns (converged, the float64 errors (B,) or None when none was needed).
     Reads one flag on the host; a dense cost is copied to float64 for the check.
     """
     if geom.dtype == torch.float64 or tol == 0:
         return converged, None
-    if not bool((converged & (rounding_error(f, g, eps, 1.0) > tol / 10)).any()):
+    rounding = (f.abs().amax(-1) + g.abs().amax(-1)) * (torch.finfo(geom.dtype).eps / eps)
+    if not bool((converged & (rounding > tol / 10)).any()):
         return converged, None
     with torch.no_grad():
         geom64 = geom.to_dtype(torch.float64)

@@ -143,7 +143,7 @@ def sinkhorn(
     info = {"error": outcome.error} if error64 is None else {"error": outcome.error, "error_float64": error64}
     if grad != "unroll":  # value: envelope theorem; f, g: constants (envelope) or implicit
         f, g = f.detach(), g.detach()
-    value = dual_value(geom, problem.a, problem.b, f, g, eps=eps, rho_a=rho_a, rho_b=rho_b)
+    value = dual_value(geom, problem.a, problem.b, g, eps=eps, rho_a=rho_a, rho_b=rho_b)
     overflow = problem.output_overflow(f, g, value)
     imprecise = None if error64 is None else outcome.converged & ~converged
     converged = converged & ~overflow

@@ -205,7 +205,7 @@ def sns(
         converged = state.error <= tol if tol > 0 else finite  # tol=0: max_iter Newton steps, as in sinkhorn
     converged, error64 = certified(geom, a, b, f, g, eps=eps, rho_a=math.inf, rho_b=math.inf, tol=tol,
                                    converged=converged)
-    value = dual_value(geom, a, b, f, g, eps=eps)
+    value = dual_value(geom, a, b, g, eps=eps)
     overflow = problem.output_overflow(f, g, value)
     imprecise = None if error64 is None else (state.error <= tol) & ~converged
     converged = converged & ~overflow
