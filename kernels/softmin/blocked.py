@@ -72,9 +72,39 @@ def weighted_lse(s: torch.Tensor, w: torch.Tensor | None, dim: int = -1) -> torc
     return torch.log((e * w).sum(dim=dim)) + shift.squeeze(dim)
 
 
-def block_softmin(cost: torch.Tensor, h: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Differentiable softmin of one block: (B, r, L), (B, L), (B, L) -> (B, r)."""
-    return -eps * weighted_lse((h.unsqueeze(-2) - cost) / eps, None if w is None else w.unsqueeze(-2))
+def centred_lse(s: torch.Tensor, w: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    """``log sum_j w_j exp(s_j)`` accurate to the last bits of the scores' spread.
+
+    When the scores of a row lie within a few units of each other (eps far above the costs'
+    range), ``exp(s_j - top)`` is 1 minus a small number that rounding erases: ``weighted_lse``
+    then loses the potentials' variation (its absolute error u, the unit roundoff, is eps * u in
+    the softmin). Here ``log sum_j w_j exp(s_j) = top + log W + log1p(sum_j w_j expm1(s_j - top) / W)``
+    with ``W = sum_j w_j`` keeps it: every term is computed relative to its own size. Rows whose
+    terms fall far below the top (weighted mean of exp(s_j - top) under 1/8) take
+    ``weighted_lse``, which is exact for them. Same arguments as ``weighted_lse``.
+    """
+    ones = w is None
+    w = torch.ones((), dtype=s.dtype, device=s.device) if ones else w.to(s.dtype)
+    with torch.no_grad():
+        top = torch.nan_to_num(torch.where(w > 0, s, float("-inf")).amax(dim=dim, keepdim=True), neginf=0.0)
+    mass = torch.full_like(top.squeeze(dim), s.shape[dim]) if ones else w.sum(dim=dim)
+    ratio = (torch.expm1((s - top).clamp(max=EXP_CEIL)) * w).sum(dim=dim) / mass
+    far = ratio < -7 / 8
+    lse = top.squeeze(dim) + torch.log(mass) + torch.log1p(ratio.clamp(min=-7 / 8))
+    if bool(far.any()):
+        lse = torch.where(far, weighted_lse(s, None if ones else w, dim), lse)
+    return lse
+
+
+def block_softmin(
+    cost: torch.Tensor, h: torch.Tensor, w: torch.Tensor | None, eps: float, centred: bool = False
+) -> torch.Tensor:
+    """Differentiable softmin of one block: (B, r, L), (B, L), (B, L) -> (B, r).
+
+    ``centred`` computes the log-sum-exp with ``centred_lse`` (for eps above the costs' range).
+    """
+    lse = centred_lse if centred else weighted_lse
+    return -eps * lse((h.unsqueeze(-2) - cost) / eps, None if w is None else w.unsqueeze(-2))
 
 
 def block_kernel_apply(

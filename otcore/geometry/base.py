@@ -36,6 +36,9 @@ class Geometry(ABC):
     backend: str
     #: True when the full cost matrix is held anyway (a dense plan then costs no extra order of memory).
     holds_costs: bool = False
+    #: Whether the constructor read the tensors' values (False: nothing is read on the host,
+    #: ``cost_range`` included).
+    validate: bool = True
     #: dtype of the computation when it differs from the tensors' (half tensors on Triton).
     _compute_dtype: torch.dtype | None = None
 
@@ -105,8 +108,13 @@ class Geometry(ABC):
             weights: non-negative weights on the reduced axis, same shape as ``h`` (None = 1).
             axis: the axis of C that is reduced.
 
-        Differentiable in ``h``, ``weights`` and the geometry's tensors.
+        Differentiable in ``h``, ``weights`` and the geometry's tensors. For eps at or above the
+        costs' range (``cost_range``; not read with ``validate=False``) the torch path's centred
+        log-sum-exp runs on every backend: the usual max-shifted one loses the potentials to
+        rounding there (an error eps * u, u the unit roundoff).
         """
+        if eps >= self.cost_range():
+            return torch_blocked.softmin(self, h, eps, weights, axis == 0, centred=True)
         return IMPLEMENTATIONS[self.backend].softmin(self, h, eps, weights, axis == 0)
 
     def kernel_apply(
@@ -128,6 +136,22 @@ class Geometry(ABC):
         """The full cost matrix (B, n, m), differentiable. Allocates n x m."""
         return self.cost_rows(slice(0, self.shape[1]))
 
+    def cost_range(self) -> float:
+        """max C - min C, smallest over the batch, or a cheaper upper bound of it (``PointCloud``:
+        its bounding box). Computed once per geometry; reads the host, and is ``inf`` (not read)
+        for a geometry built with ``validate=False``."""
+        if not self.validate:
+            return float("inf")
+        if "_cost_range" not in self.__dict__:
+            with torch.no_grad():
+                self._cost_range = float(self._range_bounds().min())
+        return self._cost_range
+
+    def _range_bounds(self) -> torch.Tensor:
+        """max C - min C of each problem (B,), block by block."""
+        ends = torch_blocked.map_rows(self, _row_ends).amax(dim=1)
+        return ends[:, 0] + ends[:, 1]
+
     def max_cost(self) -> torch.Tensor:
         """Largest |C_ij| of each problem (B,), computed block by block without gradients."""
         with torch.no_grad():
@@ -136,6 +160,7 @@ class Geometry(ABC):
     # ----------------------------------------------------------------- shared machinery
     def _replace(self, **fields) -> Geometry:
         new = copy.copy(self)
+        new.__dict__.pop("_cost_range", None)
         new.__dict__.update(fields)
         return new
 
@@ -172,3 +197,8 @@ class Geometry(ABC):
 
 def _abs_row_max(cost: torch.Tensor) -> torch.Tensor:
     return cost.abs().amax(dim=-1)
+
+
+def _row_ends(cost: torch.Tensor) -> torch.Tensor:
+    """(max, -min) of each row: (B, r, L) -> (B, r, 2)."""
+    return torch.stack((cost.amax(dim=-1), -cost.amin(dim=-1)), dim=-1)

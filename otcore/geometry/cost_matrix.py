@@ -35,6 +35,7 @@ class CostMatrix(Geometry):
             raise ValueError(f"C must be a floating tensor, got {C.dtype}")
         if validate:
             check_finite("C", C)
+        self.validate = validate
         self.batched = C.dim() == 3
         self.C = C if self.batched else C.unsqueeze(0)
         self.backend = resolve_backend(backend, C.device, C.dtype, None)

@@ -54,6 +54,7 @@ class PointCloud(Geometry):
                 check_finite(name, t)
         if x.shape[-1] != y.shape[-1]:
             raise ValueError(f"x and y must have the same dimension d, got x: {tuple(x.shape)}, y: {tuple(y.shape)}")
+        self.validate = validate
         self.batched = x.dim() == 3 or y.dim() == 3
         xb, yb = (x if x.dim() == 3 else x.unsqueeze(0)), (y if y.dim() == 3 else y.unsqueeze(0))
         if xb.shape[0] != yb.shape[0] and 1 not in (xb.shape[0], yb.shape[0]):
@@ -80,6 +81,14 @@ class PointCloud(Geometry):
     @property
     def tensors(self):
         return (self.x, self.y)
+
+    def _range_bounds(self) -> torch.Tensor:
+        """The cost of the diagonal of the two clouds' joint bounding box (B,): no cost exceeds it."""
+        points = torch.cat([self.x, self.y], dim=1).double()
+        diagonal = points.amax(dim=1) - points.amin(dim=1)
+        if self.cost == "sqeuclidean":
+            return diagonal.pow(2).sum(-1)
+        return torch.linalg.vector_norm(diagonal, ord=2.0 if self.cost == "euclidean" else self.cost, dim=-1)
 
     def to_dtype(self, dtype: torch.dtype) -> PointCloud:
         """As ``Geometry.to_dtype``; half points converted for the torch path are centred then."""

@@ -95,10 +95,15 @@ def _scores(geom, rows: slice, buffers, h: torch.Tensor, inv_eps: float, transpo
     return buf, dim, offset
 
 
-def softmin(geom, h, eps, weights, transpose):
-    fast = functools.partial(_softmin, geom, h, eps, weights, transpose)
+def softmin(geom, h, eps, weights, transpose, centred: bool = False):
+    """``centred``: the log-sum-exp of ``blocked.centred_lse`` (for eps above the costs' range),
+    one allocated block at a time: such solves take few iterations."""
+    block = functools.partial(blocked.block_softmin, eps=eps, centred=centred)
+    if centred:
+        fast = functools.partial(map_rows, geom, lambda cost: block(cost, h, weights), transpose)
+    else:
+        fast = functools.partial(_softmin, geom, h, eps, weights, transpose)
     if geom.needs_grad(h, weights):
-        block = functools.partial(blocked.block_softmin, eps=eps)
         return _recomputed(geom, block, fast, transpose, (), (h, weights))
     return fast()
 
