@@ -11,7 +11,7 @@ from otcore.geometry import CostMatrix, Geometry, PointCloud
 from otcore.geometry.backends import show_config
 from otcore.losses import sinkhorn_divergence
 from otcore.solvers import emd, sinkhorn, sns
-from otcore.warnings import ConvergenceWarning
+from otcore.warnings import ConvergenceWarning, PrecisionWarning
 
 __version__ = metadata.version("otcore")
 
@@ -21,6 +21,7 @@ __all__ = [
     "Geometry",
     "OTResult",
     "PointCloud",
+    "PrecisionWarning",
     "SinkhornProgress",
     "emd",
     "show_config",

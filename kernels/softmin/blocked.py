@@ -31,8 +31,10 @@ GPU_BLOCK_ELEMENTS = 1 << 24
 #: Lower clamp of the max-shifted exponent: exp(-80) is still a normal float32.
 EXP_FLOOR = 80.0
 #: Upper clamp of an exponent that is shifted by a max taken over positive weights only; it only
-#: binds on zero-weight entries (whose product with the weight is 0 either way).
-EXP_CEIL = 80.0
+#: binds on zero-weight entries (whose product with the weight is 0 either way), whose derivative
+#: in the weight it bounds: exp(40) ~ 2e17 leaves float32 room for the backward's factors (1/eps,
+#: cotangents) where exp(80) overflowed.
+EXP_CEIL = 40.0
 
 
 def block_elements(device: torch.device) -> int:
@@ -107,29 +109,49 @@ def block_softmin(
     return -eps * lse((h.unsqueeze(-2) - cost) / eps, None if w is None else w.unsqueeze(-2))
 
 
-def block_kernel_apply(
-    cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor, w: torch.Tensor | None, v: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """``sum_j w_j exp((f_i + g_j - C_ij)/eps) v_jk`` for one block.
+def weighted_exp(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``w * exp(t)`` (broadcast), with the weight joined into the exponent where it is positive
+    (exp(t) alone may overflow where the product does not) and exact zeros where it is 0, whose
+    derivative in the weight, exp(t), is kept finite by clamping t at ``EXP_CEIL``."""
+    positive = w > 0
+    inside = torch.where(positive, t + torch.log(torch.where(positive, w, 1.0)), float("-inf")).exp()
+    return torch.where(positive, inside, w * torch.exp(t.clamp(max=EXP_CEIL)))
 
-    Shapes: cost (B, r, L), f (B, r), g (B, L), w (B, L), v (B, L, k) -> (B, r, k).
-    """
+
+def _shifted_kernel(cost, f, g, w, eps):
+    """``(w_j exp(s_ij - t_i), t_i)`` with s = (f_i + g_j - C_ij)/eps and t_i the row's largest s
+    over positive weights (zero-weight exponents clamped at ``EXP_CEIL``): (B, r, L), (B, r)."""
     s = (f.unsqueeze(-1) + g.unsqueeze(-2) - cost) / eps
     ww = torch.ones_like(g) if w is None else w.to(s.dtype)
     with torch.no_grad():
         shift = torch.where(ww.unsqueeze(-2) > 0, s, float("-inf")).amax(dim=-1, keepdim=True)
         shift = torch.nan_to_num(shift, neginf=0.0)
-    e = torch.exp((s - shift).clamp(max=EXP_CEIL)) * ww.unsqueeze(-2)
-    return torch.exp(shift) * torch.matmul(e, v.to(s.dtype))
+    return torch.exp((s - shift).clamp(max=EXP_CEIL)) * ww.unsqueeze(-2), shift.squeeze(-1)
+
+
+def _row_factor(shift: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+    return torch.exp(shift) if a is None else weighted_exp(shift, a.to(shift.dtype))
+
+
+def block_kernel_apply(
+    cost: torch.Tensor, f: torch.Tensor, a: torch.Tensor | None, g: torch.Tensor, w: torch.Tensor | None,
+    v: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    """``a_i sum_j w_j exp((f_i + g_j - C_ij)/eps) v_jk`` for one block (``a`` None: no a_i).
+
+    Shapes: cost (B, r, L), f (B, r), a (B, r), g (B, L), w (B, L), v (B, L, k) -> (B, r, k).
+    Zero row weights give exact zeros (``weighted_exp``), however large the row's exponents.
+    """
+    e, shift = _shifted_kernel(cost, f, g, w, eps)
+    return _row_factor(shift, a).unsqueeze(-1) * torch.matmul(e, v.to(e.dtype))
 
 
 def block_kernel_cost(
-    cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor, w: torch.Tensor | None, eps: float
+    cost: torch.Tensor, f: torch.Tensor, a: torch.Tensor | None, g: torch.Tensor, w: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
-    """``sum_j w_j exp((f_i + g_j - C_ij)/eps) C_ij`` for one block: (B, r, L) -> (B, r)."""
-    s = (f.unsqueeze(-1) + g.unsqueeze(-2) - cost) / eps
-    ww = torch.ones_like(g) if w is None else w.to(s.dtype)
-    return (torch.exp(s) * ww.unsqueeze(-2) * cost).sum(-1)
+    """``a_i sum_j w_j exp((f_i + g_j - C_ij)/eps) C_ij`` for one block: (B, r, L) -> (B, r)."""
+    e, shift = _shifted_kernel(cost, f, g, w, eps)
+    return _row_factor(shift, a) * (e * cost).sum(-1)
 
 
 class Buffers:

@@ -101,10 +101,13 @@ def fixed_point_loop(
         tol: stopping tolerance on ``error``; 0 runs exactly ``max_iter`` iterations, and
             ``converged`` then only says that the iterates stayed finite.
         schedule: eps values of the first iterations (eps-scaling); errors are not tested there.
+            It never takes the last iteration: the returned state is at least one step at ``eps``
+            (potentials of a larger eps may overflow every plan entry at the target one).
         first_check: the first iteration (after the schedule) whose error is meaningful.
         check_every: iterations between host checks (loop exit, callbacks).
         callbacks: called with a ``SinkhornProgress`` at every check.
     """
+    schedule = schedule[: max(0, max_iter - 1)]
     ref = state[0]
     batch, device = ref.shape[0], ref.device
     active = torch.ones(batch, dtype=torch.bool, device=device)

@@ -8,12 +8,10 @@ with ``transpose``). Sums over points go through the geometry (``Geometry.total`
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from otcore.geometry import Geometry
-from otcore.kernels.softmin.blocked import EXP_CEIL
+from otcore.kernels.softmin.blocked import weighted_exp
 
 
 class _Plan:
@@ -36,10 +34,8 @@ class EntropicPlan(_Plan):
     def matmul(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``P v`` (v: (B, m, k)) or ``P^T v`` (v: (B, n, k) with ``transpose``)."""
         if transpose:
-            out = self.geom.kernel_apply(self.g, self.f, self.eps, self.a, v, axis=0)
-            return self.b.unsqueeze(-1) * out
-        out = self.geom.kernel_apply(self.f, self.g, self.eps, self.b, v, axis=1)
-        return self.a.unsqueeze(-1) * out
+            return self.geom.kernel_apply(self.g, self.f, self.eps, self.a, v, axis=0, row_weights=self.b)
+        return self.geom.kernel_apply(self.f, self.g, self.eps, self.b, v, axis=1, row_weights=self.a)
 
     def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(P 1, P^T 1): (B, n), (B, m)."""
@@ -51,16 +47,11 @@ class EntropicPlan(_Plan):
         """The plan as a (B, n, m) tensor (allocates n x m); ``cost``: the materialised C, if at hand."""
         cost = self.geom.materialize() if cost is None else cost
         logits = (self.f.unsqueeze(-1) + self.g.unsqueeze(-2) - cost) / self.eps
-        w = self.a.unsqueeze(-1) * self.b.unsqueeze(-2)
-        positive = w > 0
-        # log a_i b_j joins the exponent (exp(logits) alone may overflow where P_ij does not);
-        # zero-weight entries are 0, with the derivative in the weight kept finite
-        inside = torch.where(positive, logits + torch.log(torch.where(positive, w, 1.0)), -math.inf).exp()
-        return torch.where(positive, inside, w * torch.exp(logits.clamp(max=EXP_CEIL)))
+        return weighted_exp(logits, self.a.unsqueeze(-1) * self.b.unsqueeze(-2))
 
     def transport_cost(self) -> torch.Tensor:
         """<P, C> per problem: (B,)."""
-        return self.geom.total(self.a * self.geom.kernel_cost(self.f, self.g, self.eps, self.b), 0)
+        return self.geom.total(self.geom.kernel_cost(self.f, self.g, self.eps, self.b, row_weights=self.a), 0)
 
     def for_products(self) -> EntropicPlan | DensePlan:
         """The cheaper operator for many products: dense when the geometry holds its costs anyway."""

@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from otcore._precision import upcast
 from otcore.geometry.backends import IMPLEMENTATIONS, torch_blocked
 
 
@@ -119,18 +120,23 @@ class Geometry(ABC):
 
     def kernel_apply(
         self, f: torch.Tensor, g: torch.Tensor, eps: float, weights: torch.Tensor | None, v: torch.Tensor,
-        axis: int = 1,
+        axis: int = 1, row_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``out_i = sum_j w_j exp((f_i + g_j - C_ij)/eps) v_jk`` (axis=1) or the same on C^T (axis=0).
+        """``out_i = a_i sum_j w_j exp((f_i + g_j - C_ij)/eps) v_jk`` (axis=1) or the same on C^T
+        (axis=0); with the row weights ``a`` this is the plan product ``P v``.
 
-        Shapes (axis=1): f (B, n), g (B, m), weights (B, m), v (B, m, k) -> (B, n, k). With
-        ``f = f + eps log a`` folded in by the caller this is the plan product ``P v``.
+        Shapes (axis=1): f (B, n), g (B, m), weights (B, m), v (B, m, k), row_weights (B, n)
+        (None: no a_i) -> (B, n, k). A zero row weight gives an exact zero row, however large
+        its exponents (an iterate cut short, an unbalanced fixed point).
         """
-        return IMPLEMENTATIONS[self.backend].kernel_apply(self, f, g, eps, weights, v, axis == 0)
+        return IMPLEMENTATIONS[self.backend].kernel_apply(self, f, g, eps, weights, v, axis == 0, row_weights)
 
-    def kernel_cost(self, f: torch.Tensor, g: torch.Tensor, eps: float, weights: torch.Tensor | None) -> torch.Tensor:
-        """``sum_j w_j exp((f_i + g_j - C_ij)/eps) C_ij`` per row: (B, n)."""
-        return IMPLEMENTATIONS[self.backend].kernel_cost(self, f, g, eps, weights)
+    def kernel_cost(
+        self, f: torch.Tensor, g: torch.Tensor, eps: float, weights: torch.Tensor | None,
+        row_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``a_i sum_j w_j exp((f_i + g_j - C_ij)/eps) C_ij`` per row: (B, n) (as ``kernel_apply``)."""
+        return IMPLEMENTATIONS[self.backend].kernel_cost(self, f, g, eps, weights, row_weights)
 
     def materialize(self) -> torch.Tensor:
         """The full cost matrix (B, n, m), differentiable. Allocates n x m."""
@@ -177,7 +183,7 @@ class Geometry(ABC):
         stored = self.tensors[0].dtype
         if self.backend == "triton" and dtype == torch.float32 and stored in (torch.float16, torch.bfloat16):
             return self._replace(_compute_dtype=dtype)
-        return self.with_tensors(*(t.to(dtype) for t in self.tensors))._replace(_compute_dtype=None)
+        return self.with_tensors(*(upcast(t, dtype) for t in self.tensors))._replace(_compute_dtype=None)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from otcore._precision import HALF
 from otcore._validation import check_finite
 from otcore.geometry.backends import resolve_backend
 from otcore.geometry.base import Geometry
 from otcore.geometry.costs import pairwise_cost, parse_cost
 from otcore.kernels.codes import POINT_COSTS
 
-HALF = (torch.float16, torch.bfloat16)
 
+def _centred(x: torch.Tensor, y: torch.Tensor, grid: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y shifted by their joint mean (B, 1, d), which no supported cost sees (no gradient).
 
-def _centred(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and y shifted by their joint mean (B, 1, d), which no supported cost sees (no gradient)."""
+    ``grid``: the half dtype the points were given in. The mean is rounded to it, so that the
+    differences of half values near it are exact in float32: the centred points then have
+    exactly the costs of the points as given.
+    """
     center = torch.cat([x, y], dim=1).mean(dim=1, keepdim=True).detach()
+    if grid is not None:
+        center = center.to(grid).to(x.dtype)
     return x - center, y - center
 
 
@@ -94,7 +100,7 @@ class PointCloud(Geometry):
         """As ``Geometry.to_dtype``; half points converted for the torch path are centred then."""
         converted = super().to_dtype(dtype)
         if self.x.dtype in HALF and converted.x.dtype not in HALF:
-            return converted.with_tensors(*_centred(converted.x, converted.y))
+            return converted.with_tensors(*_centred(converted.x, converted.y, grid=self.x.dtype))
         return converted
 
     def with_tensors(self, x: torch.Tensor, y: torch.Tensor) -> PointCloud:

@@ -123,38 +123,41 @@ def _softmin(geom, h, eps, weights, transpose):
         return _fused(geom, block_fn, transpose)
 
 
-def kernel_apply(geom, f, g, eps, weights, v, transpose):
-    fast = functools.partial(_kernel_apply, geom, f, g, eps, weights, v, transpose)
-    if geom.needs_grad(f, g, weights, v):
+def kernel_apply(geom, f, g, eps, weights, v, transpose, row_weights=None):
+    fast = functools.partial(_kernel_apply, geom, f, g, eps, weights, v, transpose, row_weights)
+    if geom.needs_grad(f, g, weights, v, row_weights):
         block = functools.partial(blocked.block_kernel_apply, eps=eps)
-        return _recomputed(geom, block, fast, transpose, (f,), (g, weights, v))
+        return _recomputed(geom, block, fast, transpose, (f, row_weights), (g, weights, v))
     return fast()
 
 
-def _kernel_apply(geom, f, g, eps, weights, v, transpose):
+def _kernel_apply(geom, f, g, eps, weights, v, transpose, row_weights):
     with torch.no_grad():
         scaled = g / eps + blocked.log_weights(weights, g)
+        row_term = f / eps + blocked.log_weights(row_weights, f)  # zero row weights: exp(-inf) = 0
 
         def block_fn(rows, buffers):
             buf, dim, offset = _scores(geom, rows, buffers, scaled, 1.0 / eps, transpose)
-            row = f[:, rows] / eps if offset is None else offset + f[:, rows] / eps
+            row = row_term[:, rows] if offset is None else offset + row_term[:, rows]
             return blocked.exp_matmul_(buf, v, dim, row)
 
         return _fused(geom, block_fn, transpose)
 
 
-def kernel_cost(geom, f, g, eps, weights):
-    fast = functools.partial(_kernel_cost, geom, f, g, eps, weights)
-    if geom.needs_grad(f, g, weights):
+def kernel_cost(geom, f, g, eps, weights, row_weights=None):
+    fast = functools.partial(_kernel_cost, geom, f, g, eps, weights, row_weights)
+    if geom.needs_grad(f, g, weights, row_weights):
         block = functools.partial(blocked.block_kernel_cost, eps=eps)
-        return _recomputed(geom, block, fast, False, (f,), (g, weights))
+        return _recomputed(geom, block, fast, False, (f, row_weights), (g, weights))
     return fast()
 
 
-def _kernel_cost(geom, f, g, eps, weights):
+def _kernel_cost(geom, f, g, eps, weights, row_weights):
     with torch.no_grad():
         zeros = torch.zeros_like(g)
-        w = torch.ones_like(g) if weights is None else weights
+        # weights join the exponent: zero weights give exp(-inf) = 0, not inf * 0
+        log_w = blocked.log_weights(weights, g)
+        log_a = blocked.log_weights(row_weights, f)
 
         def block_fn(rows, buffers):
             # scores with h = 0 and inv_eps = -1 are the costs themselves (up to a row term)
@@ -162,7 +165,8 @@ def _kernel_cost(geom, f, g, eps, weights):
             if offset is not None:
                 cost.add_(offset.unsqueeze(-1))
             kernel = torch.sub(g.unsqueeze(-2), cost, out=buffers.get(0, cost.shape))
-            kernel.add_(f[:, rows].unsqueeze(-1)).div_(eps).exp_().mul_(w.unsqueeze(-2))
+            kernel.add_(f[:, rows].unsqueeze(-1)).div_(eps).add_(log_w.unsqueeze(-2))
+            kernel.add_(log_a[:, rows].unsqueeze(-1)).exp_()
             return kernel.mul_(cost).sum(-1)
 
         return _fused(geom, block_fn, False)

@@ -12,6 +12,7 @@ import math
 import torch
 
 from otcore.geometry import Geometry
+from otcore.kernels.softmin.blocked import EXP_CEIL
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -41,22 +42,61 @@ def dual_value(
     """Regularised OT objective through the dual at (tau_a softmin(g), g), (B,).
 
     D(f, g) = <a, psi_a(f)> + <b, psi_b(g)> - eps (sum P - |a| |b|) is maximised over f by
-    f~ = tau_a softmin(g) (the c-transform; one row softmin), which is where it is evaluated:
-    the value is then finite for any g (a lower bound on the optimum, by weak duality, in the
-    balanced case) and equals <P, C> + eps KL(P || a x b) (+ the marginal penalties) at the
-    optimum, where f = f~, so only g is needed. Unbalanced zero-weight terms are 0 (see
-    ``_weighted``).
+    f~ = tau_a softmin(g) (the c-transform; one row softmin), which is where it is evaluated,
+    translated (unbalanced: ``translation``) by the best (f~ + lambda, g - lambda). Where the
+    plan of f~ would overflow (an unbalanced iterate far from the optimum: the plan's row masses
+    are exp((tau_a - 1) softmin(g)/eps)), f = softmin(g) takes its place, whose rows have the
+    mass of a. The value is then finite for any g, a lower bound on the optimum by weak duality
+    (D is evaluated at a dual point), and equals
+    <P, C> + eps KL(P || a x b) (+ the marginal penalties) at the optimum, where f = f~ and
+    lambda = 0, so only g is needed. Unbalanced zero-weight terms are 0 (see ``_weighted``).
 
     sum P - |a| |b| = sum_i a_i expm1((f~_i - s_i)/eps) + |a| (1 - |b|) (s: the row softmin) is
     computed in that form: at large eps both sums are ~|a| and their rounding, times eps, would
-    swamp the value.
+    swamp the value. It does not change under the translation.
     """
     s = geom.softmin(g, eps, b, axis=1)
     f = tau_of(rho_a, eps) * s
+    if not math.isinf(rho_a):
+        with torch.no_grad():
+            tame = ((f - s) / eps).masked_fill(a == 0, -math.inf).amax(-1) <= EXP_CEIL
+        f = torch.where(tame.unsqueeze(-1), f, s)
     total_a, total_b = geom.total(a, 0), geom.total(b, 1)
     excess = geom.total(_weighted(a, torch.expm1((f - s) / eps), rho_a), 0) + total_a * (1 - total_b)
-    return (geom.total(_weighted(a, psi(f, rho_a), rho_a), 0) + geom.total(_weighted(b, psi(g, rho_b), rho_b), 1)
-            - eps * excess)
+    shift = translation(geom, a, b, f, g, rho_a, rho_b).unsqueeze(-1)
+    return (geom.total(_weighted(a, psi(f + shift, rho_a), rho_a), 0)
+            + geom.total(_weighted(b, psi(g - shift, rho_b), rho_b), 1) - eps * excess)
+
+
+def translation(
+    geom: Geometry, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor, rho_a: float, rho_b: float
+) -> torch.Tensor:
+    """The lambda (B,) maximising the marginal terms <a, psi_a(f + lambda)> + <b, psi_b(g - lambda)>
+    (the transport term of the dual does not see it; Sejourne et al., "Translation-invariant
+    Sinkhorn", AISTATS 2022): 0 when balanced, else where the two sides' derivatives
+    <a, exp(-(f + lambda)/rho_a)> and <b, exp(-(g - lambda)/rho_b)> (|a|, |b| on a balanced side)
+    meet, computed from their logarithms. 0 at an optimum; it keeps the value of an iterate cut
+    short finite (psi of a very negative potential overflows). No gradient: it maximises.
+    """
+    if math.isinf(rho_a) and math.isinf(rho_b):
+        return torch.zeros_like(f[:, 0])
+    with torch.no_grad():
+        log_a = _log_total(geom, a, f, rho_a, 0)
+        log_b = _log_total(geom, b, g, rho_b, 1)
+        if math.isinf(rho_b):
+            return rho_a * (log_a - log_b)
+        if math.isinf(rho_a):
+            return rho_b * (log_a - log_b)
+        return (log_a - log_b) * (rho_a * rho_b / (rho_a + rho_b))
+
+
+def _log_total(geom: Geometry, w: torch.Tensor, p: torch.Tensor, rho: float, axis: int) -> torch.Tensor:
+    """log <w, exp(-p/rho)> (log |w| when rho = inf): (B,), through the geometry's sums."""
+    if math.isinf(rho):
+        return torch.log(geom.total(w, axis))
+    logits = torch.where(w > 0, torch.log(torch.where(w > 0, w, 1.0)) - p / rho, -math.inf)
+    top = torch.nan_to_num(logits.amax(-1), neginf=0.0)
+    return torch.log(geom.total(torch.exp(logits - top.unsqueeze(-1)), axis)) + top
 
 
 def _weighted(w: torch.Tensor, t: torch.Tensor, rho: float) -> torch.Tensor:
