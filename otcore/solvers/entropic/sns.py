@@ -34,7 +34,7 @@ from otcore.core.plan import DensePlan, EntropicPlan
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.core.result import OTResult
 from otcore.solvers.entropic.dual import certified, default_tol, dual_value
-from otcore.solvers.entropic.sinkhorn import run_sinkhorn
+from otcore.solvers.entropic.sinkhorn import refresh_zero_weight, run_sinkhorn
 
 STEPS = (1.0, 0.5, 0.25, 0.1)
 RHO_LOW, RHO_HIGH, MU_UP, MU_DOWN, MU_MIN, NU = 0.25, 0.75, 4.0, 0.5, 1e-6, 0.01
@@ -201,6 +201,11 @@ def sns(
             state = best
             active = active & (state.error > tol) & torch.isfinite(state.error)
         f, g = state.f, state.g
+        if bool((a == 0).any() or (b == 0).any()):
+            # zero-weight points: their potentials take no part in Newton's system; as in
+            # sinkhorn, return their c-transforms (what the weights' derivatives read)
+            f = refresh_zero_weight(a > 0, f, geom.softmin(g, eps, b, axis=1))
+            g = refresh_zero_weight(b > 0, g, geom.softmin(f, eps, a, axis=0))
         finite = torch.isfinite(state.error)
         converged = state.error <= tol if tol > 0 else finite  # tol=0: max_iter Newton steps, as in sinkhorn
     converged, error64 = certified(geom, a, b, f, g, eps=eps, rho_a=math.inf, rho_b=math.inf, tol=tol,
