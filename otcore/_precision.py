@@ -18,13 +18,27 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 class _Upcast(torch.autograd.Function):
+    """``t.to(dtype)``. Where ``t`` is broadcast (an expanded view: stride 0, e.g. weights shared
+    by a batch), the backward pass sums the gradient over the broadcast dims in the wide dtype
+    and hands it back in their first slice (zeros elsewhere), so the view's own backward sums
+    one value per point: a half-precision sum of per-problem gradients could otherwise meet
+    +inf and -inf and make NaN."""
+
     @staticmethod
     def forward(ctx, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ctx.source = t.dtype
+        ctx.broadcast = tuple(d for d in range(t.dim()) if t.stride(d) == 0 and t.shape[d] > 1)
         return t.to(dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if ctx.broadcast:
+            total = grad.sum(dim=ctx.broadcast, keepdim=True)
+            grad = torch.zeros_like(grad)
+            first = grad
+            for d in ctx.broadcast:
+                first = first.narrow(d, 0, 1)
+            first.copy_(total)
         limit = torch.finfo(ctx.source).max
         if bool((grad.abs() > limit).any()):  # a host read, on half inputs' backward only
             warnings.warn(

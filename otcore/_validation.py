@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from otcore._precision import upcast
+
 
 def _real(name: str, value, expected: str) -> float:
     """``value`` as a float if it is a real number (not a bool, string or complex); else raise."""
@@ -80,7 +82,7 @@ def prepare_weights(
             raise ValueError(f"{name} has negative entries (min {float(w.min()):.3g}); weights must be >= 0")
         if bool((w.sum(-1) <= 0).any()):
             raise ValueError(f"{name} has zero total mass; at least one weight must be > 0")
-    return w.expand(batch, n).to(device=device, dtype=dtype)
+    return upcast(w.expand(batch, n).to(device=device), dtype)
 
 
 def check_equal_mass(ma: torch.Tensor, mb: torch.Tensor, rtol: float) -> None:

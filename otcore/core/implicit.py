@@ -21,13 +21,14 @@ Cuturi et al., OTT-JAX ``implicit_differentiation.py`` (the symmetric system).
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from otcore.core.linalg import conjugate_gradient
-from otcore.core.plan import EntropicPlan
+from otcore.core.plan import DensePlan, EntropicPlan
 from otcore.geometry import Geometry
 from otcore.warnings import ConvergenceWarning
 
@@ -57,32 +58,40 @@ class FixedPoint:
         return (*self.geom.tensors, self.a, self.b)
 
 
-def solve_adjoint(point: FixedPoint, f: torch.Tensor, g: torch.Tensor, u: Pair, *, rtol: float, max_iter: int) -> Pair:
-    """Solve ``(I - dT/dz)^T w = u`` at (f, g) through ``M y = u``, ``w = D y`` (module docstring).
+def solve_adjoint(
+    point: FixedPoint, plan: EntropicPlan | DensePlan, marginals: Pair, decoupled: Pair, u: Pair, *, rtol: float,
+    max_iter: int,
+) -> Pair:
+    """Solve ``(I - dT/dz)^T w = u`` through ``M y = u``, ``w = D y`` (module docstring).
 
-    ``u`` (B, n), (B, m): cotangents; rows/columns of zero weight must already be handled.
+    CG runs on the symmetrically scaled system ``S^-1 M S^-1 (S y) = S^-1 u`` with S = D^(1/2)
+    (identity diagonal, off-diagonal norm <= sqrt(tau_a tau_b)): its unknown S y = w / S stays
+    within the dtype where y = w / D would not for points of tiny marginal mass. ``decoupled``
+    (B, n), (B, m) marks the points solved outside (``_adjoint``): their ``u`` must be 0, and
+    their w returned here is 0.
     """
-    geom, n = point.geom, f.shape[-1]
-    plan = EntropicPlan(geom, point.a, point.b, f, g, point.eps).for_products()
-    r, c = plan.marginals()
-    da, db = r / point.tau_a, c / point.tau_b
+    geom, n = point.geom, point.a.shape[-1]
+    r, c = marginals
+    scale = torch.cat([r / point.tau_a, c / point.tau_b], dim=-1).sqrt()
+    scale = torch.where(torch.cat(decoupled, dim=-1), 0.0, scale)
+    inv_scale = torch.where(scale > 0, 1 / torch.where(scale > 0, scale, 1.0), 0.0)
 
     def matvec(z: torch.Tensor) -> torch.Tensor:
-        y, x = z[:, :n].unsqueeze(-1), z[:, n:].unsqueeze(-1)
-        top = da * z[:, :n] + plan.matmul(x).squeeze(-1)
-        bottom = db * z[:, n:] + plan.matmul(y, transpose=True).squeeze(-1)
-        return torch.cat([top, bottom], dim=-1)
+        t = inv_scale * z
+        top = plan.matmul(t[:, n:].unsqueeze(-1)).squeeze(-1)
+        bottom = plan.matmul(t[:, :n].unsqueeze(-1), transpose=True).squeeze(-1)
+        return z + inv_scale * torch.cat([top, bottom], dim=-1)
 
     project = None
-    if point.tau_a == 1.0 and point.tau_b == 1.0:  # gauge: remove the null direction (1, -1)
-        null = torch.cat([torch.ones_like(r), -torch.ones_like(c)], dim=-1)
+    if point.tau_a == 1.0 and point.tau_b == 1.0:  # gauge: remove the null direction S (1, -1)
+        null = scale * torch.cat([torch.ones_like(r), -torch.ones_like(c)], dim=-1)
         null = null / geom.pair_dot(null, null).sqrt().unsqueeze(-1)
 
         def project(z: torch.Tensor) -> torch.Tensor:
             return z - geom.pair_dot(z, null).unsqueeze(-1) * null
 
-    y, solved = conjugate_gradient(matvec, torch.cat(u, dim=-1), rtol=rtol, max_iter=max_iter, project=project,
-                           diagonal=torch.cat([da, db], dim=-1), inner=geom.pair_dot)
+    scaled, solved = conjugate_gradient(matvec, inv_scale * torch.cat(u, dim=-1), rtol=rtol, max_iter=max_iter,
+                                        project=project, inner=geom.pair_dot)
     if not bool(solved.all()):
         warnings.warn(
             f"implicit backward: the adjoint conjugate gradient did not reach rtol={rtol:g} within "
@@ -90,22 +99,32 @@ def solve_adjoint(point: FixedPoint, f: torch.Tensor, g: torch.Tensor, u: Pair, 
             "the gradients are approximate. Raise implicit_max_iter or loosen implicit_rtol.",
             ConvergenceWarning, stacklevel=2,
         )
-    return da * y[:, :n], db * y[:, n:]
+    w = scale * scaled
+    return w[:, :n], w[:, n:]
 
 
 def _adjoint(point: FixedPoint, f: torch.Tensor, g: torch.Tensor, grad_f, grad_g, *, rtol, max_iter) -> Pair:
-    """``w`` for cotangents (grad_f, grad_g), zero-weight points handled outside the CG."""
-    zero_a, zero_b = point.a == 0, point.b == 0
+    """``w`` for cotangents (grad_f, grad_g); decoupled points solved outside the CG.
+
+    A point of zero weight, or whose plan marginal is below sqrt(tiny) of the dtype (an
+    unbalanced point the plan gives no mass), influences no other point's update: there
+    w = u, and its effect on the others moves to their right-hand side.
+    """
+    plan = EntropicPlan(point.geom, point.a, point.b, f, g, point.eps).for_products()
+    r, c = plan.marginals()
+    floor = math.sqrt(torch.finfo(r.dtype).tiny)
+    zero_a = (point.a == 0) | (r <= floor * point.tau_a)
+    zero_b = (point.b == 0) | (c <= floor * point.tau_b)
     has_zero = bool(zero_a.any() or zero_b.any())
     uf, ug = grad_f, grad_g
-    if has_zero:  # zero-weight points: w = u there, and their effect moves to the rhs
+    if has_zero:
         with torch.enable_grad():
             fl, gl = f.detach().requires_grad_(), g.detach().requires_grad_()
             tf, tg = point.map(fl, gl, *[p.detach() for p in point.params])
             ef, eg = torch.autograd.grad((tf, tg), (fl, gl), (uf * zero_a, ug * zero_b), allow_unused=True)
         uf = torch.where(zero_a, 0, uf if ef is None else uf + ef)
         ug = torch.where(zero_b, 0, ug if eg is None else ug + eg)
-    wf, wg = solve_adjoint(point, f, g, (uf, ug), rtol=rtol, max_iter=max_iter)
+    wf, wg = solve_adjoint(point, plan, (r, c), (zero_a, zero_b), (uf, ug), rtol=rtol, max_iter=max_iter)
     if has_zero:
         wf, wg = torch.where(zero_a, grad_f, wf), torch.where(zero_b, grad_g, wg)
     return wf, wg

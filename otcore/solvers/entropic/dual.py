@@ -49,7 +49,7 @@ def dual_value(
     mass of a. The value is then finite for any g, a lower bound on the optimum by weak duality
     (D is evaluated at a dual point), and equals
     <P, C> + eps KL(P || a x b) (+ the marginal penalties) at the optimum, where f = f~ and
-    lambda = 0, so only g is needed. Unbalanced zero-weight terms are 0 (see ``_weighted``).
+    lambda = 0, so only g is needed. Unbalanced zero-weight terms are 0 (see ``_on_support``).
 
     sum P - |a| |b| = sum_i a_i expm1((f~_i - s_i)/eps) + |a| (1 - |b|) (s: the row softmin) is
     computed in that form: at large eps both sums are ~|a| and their rounding, times eps, would
@@ -62,10 +62,10 @@ def dual_value(
             tame = ((f - s) / eps).masked_fill(a == 0, -math.inf).amax(-1) <= EXP_CEIL
         f = torch.where(tame.unsqueeze(-1), f, s)
     total_a, total_b = geom.total(a, 0), geom.total(b, 1)
-    excess = geom.total(_weighted(a, torch.expm1((f - s) / eps), rho_a), 0) + total_a * (1 - total_b)
+    excess = geom.total(a * torch.expm1(_on_support(a, (f - s) / eps, rho_a)), 0) + total_a * (1 - total_b)
     shift = translation(geom, a, b, f, g, rho_a, rho_b).unsqueeze(-1)
-    return (geom.total(_weighted(a, psi(f + shift, rho_a), rho_a), 0)
-            + geom.total(_weighted(b, psi(g - shift, rho_b), rho_b), 1) - eps * excess)
+    return (geom.total(a * psi(_on_support(a, f + shift, rho_a), rho_a), 0)
+            + geom.total(b * psi(_on_support(b, g - shift, rho_b), rho_b), 1) - eps * excess)
 
 
 def translation(
@@ -99,13 +99,12 @@ def _log_total(geom: Geometry, w: torch.Tensor, p: torch.Tensor, rho: float, axi
     return torch.log(geom.total(torch.exp(logits - top.unsqueeze(-1)), axis)) + top
 
 
-def _weighted(w: torch.Tensor, t: torch.Tensor, rho: float) -> torch.Tensor:
-    """``w * t``; with a KL marginal (finite rho) 0 where w = 0, whatever t is there (an
-    unbalanced potential's exponential term may overflow where its weight is 0). Balanced terms
-    are finite, and keep their derivative in a zero weight."""
-    if math.isinf(rho):
-        return w * t
-    return torch.where(w > 0, w * torch.where(w > 0, t, 0.0), 0.0)
+def _on_support(w: torch.Tensor, x: torch.Tensor, rho: float) -> torch.Tensor:
+    """``x``, set to 0 where w = 0 when a KL marginal is in play (finite rho), before any
+    exponential: an unbalanced potential's exponential term may overflow at a zero-weight point,
+    and neither the value nor its gradient (0 * exp(inf) in backward) may see it. Balanced
+    terms are finite, and keep their derivative in a zero weight."""
+    return x if math.isinf(rho) else torch.where(w > 0, x, 0.0)
 
 
 def row_error(
