@@ -10,7 +10,15 @@ from otcore.core import OTResult, SinkhornProgress
 from otcore.geometry import CostMatrix, Geometry, PointCloud
 from otcore.geometry.backends import show_config
 from otcore.losses import sinkhorn_divergence
-from otcore.solvers import emd, sinkhorn, sns
+from otcore.solvers import (
+    emd,
+    energy_sliced_wasserstein,
+    max_sliced_wasserstein,
+    sinkhorn,
+    sliced_wasserstein,
+    sns,
+    wasserstein_1d,
+)
 from otcore.warnings import ConvergenceWarning, PrecisionWarning
 
 __version__ = metadata.version("otcore")
@@ -24,8 +32,12 @@ __all__ = [
     "PrecisionWarning",
     "SinkhornProgress",
     "emd",
+    "energy_sliced_wasserstein",
+    "max_sliced_wasserstein",
     "show_config",
     "sinkhorn",
     "sinkhorn_divergence",
+    "sliced_wasserstein",
     "sns",
+    "wasserstein_1d",
 ]
