@@ -11,7 +11,14 @@ from otcore._precision import upcast
 
 
 def _real(name: str, value, expected: str) -> float:
-    """``value`` as a float if it is a real number (not a bool, string or complex); else raise."""
+    """``value`` as a float if it is a real number (not a bool, string or complex); else raise.
+
+    A one-element tensor is read as its number, unless it requires grad: options are constants,
+    and reading one as a float would silently cut its gradient.
+    """
+    if torch.is_tensor(value) and value.requires_grad:
+        raise ValueError(f"{name} is not differentiable: got a tensor that requires grad; pass a number "
+                         f"(float({name}) or {name}.detach()) to solve at that value")
     if torch.is_tensor(value) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
         return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -72,10 +79,11 @@ def prepare_weights(
         raise ValueError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
     if not w.is_floating_point():
         raise ValueError(f"{name} must be a real floating-point tensor, got {w.dtype}")
+    given = tuple(w.shape)  # reported as the user passed it
     if w.dim() == 1:
         w = w.unsqueeze(0).expand(batch, -1)
     if w.dim() != 2 or w.shape[-1] != n or w.shape[0] not in (1, batch):
-        raise ValueError(f"{name} has shape {tuple(w.shape)}, expected ({n},) or ({batch}, {n}) to match the cost")
+        raise ValueError(f"{name} has shape {given}, expected ({n},) or ({batch}, {n}) to match the cost")
     if validate:
         check_finite(name, w)
         if bool((w < 0).any()):

@@ -63,6 +63,11 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True) -> Pro
     A balanced problem's b is rescaled to the mass of a (a factor within the weights' rounding,
     held constant in autograd), so that the marginal constraints are exactly compatible.
 
+    Weights are not normalised: their mass is kept. Balanced weights of total mass k transport k
+    units, so the plan is k times that of the normalised weights and ``transport_cost`` scales
+    by k (``value`` also changes through its entropy term, eps KL(P || a x b)). Normalise them
+    (``a / a.sum()``) for probability measures.
+
     ``validate=False`` keeps the shape checks but skips every check that reads tensor values
     (finiteness, signs, masses): no host synchronisation.
 

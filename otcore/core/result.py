@@ -44,6 +44,25 @@ class OTResult:
     eps: float | None = None
     info: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        """Value, potential shapes, iterations, convergence and the marginal error, e.g.
+        ``OTResult(value=0.584, f: (50,), g: (40,), n_iter=338, converged=True, marginal_error=9.8e-07, eps=0.1)``.
+
+        Shows only what the result holds: ``marginal_error`` once computed, else the solver's
+        final residual ``info["error"]`` (shown as ``error``); it never runs a plan product. Batched results list B values (the first 4 of longer batches).
+        """
+        fields = [f"value={_numbers(self.value)}", f"f: {tuple(self.f.shape)}", f"g: {tuple(self.g.shape)}"]
+        if self.batched:
+            fields.insert(0, f"batch={self.value.shape[0]}")
+        fields += [f"n_iter={_numbers(self.n_iter)}", f"converged={_numbers(self.converged)}"]
+        if "marginal_error" in self.__dict__:  # cached_property already computed
+            fields.append(f"marginal_error={_numbers(self.marginal_error)}")
+        elif "error" in self.info:
+            fields.append(f"error={_numbers(self._out(self.info['error']))}")
+        if self.eps is not None:
+            fields.append(f"eps={self.eps:.4g}")
+        return f"OTResult({', '.join(fields)})"
+
     @property
     def batched(self) -> bool:
         """Whether the outputs keep a batch dimension (False for unbatched inputs)."""
@@ -90,3 +109,12 @@ class OTResult:
         out = self.operator.matmul(vb.expand(B, -1, -1), transpose=transpose)
         out = out.squeeze(-1) if vector else out
         return self._out(out)
+
+
+def _numbers(t: torch.Tensor, shown: int = 4) -> str:
+    """A () or (B,) tensor as a short string: 0.584, or [0.584, 0.612, ...] for batches."""
+    values = t.detach().reshape(-1).tolist()
+    text = [str(v) if isinstance(v, (bool, int)) else f"{v:.4g}" for v in values[:shown]]
+    if t.dim() == 0:
+        return text[0]
+    return "[" + ", ".join(text + (["..."] if len(values) > shown else [])) + "]"

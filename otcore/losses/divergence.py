@@ -37,9 +37,15 @@ def sinkhorn_divergence(
 ) -> torch.Tensor:
     """``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2`` between point clouds.
 
-    ``OT_eps`` is ``sinkhorn(...).value`` (<P, C> + eps KL(P || a x b)); S is >= 0 for the
-    squared-Euclidean cost, exactly 0 for identical inputs (the same tensors, or equal ones when
-    ``validate``), symmetric, and smooth in x, y, a, b.
+    ``OT_eps`` is ``sinkhorn(...).value`` (<P, C> + eps KL(P || a x b)). S is exactly 0 for
+    identical inputs (the same tensors, or equal ones when ``validate``), symmetric, and smooth
+    in x, y, a, b. It is >= 0 when exp(-C/eps) is a positive definite kernel: the
+    squared-Euclidean and Euclidean costs and p-norms with p <= 2 (Feydy et al. 2019, Thm. 1).
+    For these costs the result is clamped at 0: the three terms are computed separately (each
+    within ``tol`` of its optimum), so nearly identical inputs can otherwise give a difference a
+    few rounding errors below 0; where the clamp acts S is at its minimum and its gradient is 0.
+    Other p-norms are returned unclamped. Weights keep their mass (not normalised), as in
+    ``sinkhorn``.
     The cross potentials advance by alternating Sinkhorn updates and the two self-transport
     potentials by averaged symmetric updates (which converge where alternating ones oscillate),
     all in one loop; a self term stops being updated once it has converged.
@@ -124,6 +130,8 @@ def sinkhorn_divergence(
     ot_xx = dual_value(self_x, wa, wa, px, eps=eps)
     ot_yy = dual_value(self_y, wb, wb, py, eps=eps)
     value = ot_xy - 0.5 * ot_xx - 0.5 * ot_yy
+    if _positive_kernel(geom.cost):
+        value = value.clamp(min=0)  # S >= 0 in exact arithmetic: see the docstring
     return (value if problem.batched else value.squeeze(0)).to(problem.out_dtype)
 
 
@@ -159,6 +167,13 @@ class _SelfTerm:
             if self.settled:  # freeze the state that was measured
                 return kept, error, kept
         return refresh_zero_weight(self.positive, 0.5 * (p + s), s), error, kept
+
+
+def _positive_kernel(cost: str | float) -> bool:
+    """Whether exp(-cost/eps) is a positive definite kernel (so that S_eps >= 0): the squared
+    Euclidean cost (Gaussian kernel) and |x - y|_p for 1 <= p <= 2 (negative definite functions, so
+    exp(-t |x - y|_p) is positive definite by Schoenberg's theorem)."""
+    return cost in ("sqeuclidean", "euclidean") or (not isinstance(cost, str) and cost <= 2)
 
 
 def _same_inputs(x, y, a, b, *, compare_values: bool) -> bool:

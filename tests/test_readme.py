@@ -1,0 +1,42 @@
+"""Every ```python block of README.md runs as written, in order, in one namespace.
+
+A later block may use the names of earlier ones, as a reader pasting them into one session
+would. Warnings are errors, so a ``ConvergenceWarning`` (a README example that stops short)
+fails. Blocks that need CUDA (they mention "cuda") are skipped on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def python_blocks(text: str) -> list[str]:
+    """The bodies of the ```python fenced blocks of a Markdown text, in order."""
+    return FENCE.findall(text)
+
+
+def test_python_blocks_are_found():
+    blocks = python_blocks("x\n```python\na = 1\n```\n```bash\nls\n```\n```python\nb = a\n```\n")
+    assert blocks == ["a = 1\n", "b = a\n"]
+
+
+def test_readme_blocks_run():
+    blocks = python_blocks(README.read_text())
+    assert blocks, "README.md has no python blocks"
+    namespace: dict = {"__name__": "readme"}
+    skipped = []
+    for k, block in enumerate(blocks):
+        if "cuda" in block and not torch.cuda.is_available():
+            skipped.append(k)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            exec(compile(block, f"README.md python block {k}", "exec"), namespace)  # noqa: S102
+    assert len(skipped) < len(blocks), "every block was skipped"
