@@ -72,6 +72,8 @@ def sinkhorn(
         cost: (n, m) / (B, n, m) tensor (read as a ``CostMatrix``) or a geometry.
         a: (n,) / (B, n) source weights, >= 0 (None: uniform 1/n).
         b: (m,) / (B, m) target weights (None: uniform 1/m). Balanced problems need equal masses.
+            Masses are kept, not normalised: weights of total mass k give k times the plan of the
+            normalised ones.
         eps: entropic regularisation (> 0), in the units of the cost.
         tau_a, tau_b: marginal relaxation in (0, 1]; 1 = hard constraint.
         max_iter: iteration cap (one iteration = an f- and a g-update).

@@ -126,7 +126,7 @@ def sns(
 
     Args:
         cost: (n, m) / (B, n, m) tensor or a geometry.
-        a, b: weights (None: uniform), equal total masses.
+        a, b: weights as in ``sinkhorn`` (None: uniform; masses kept, not normalised); equal total masses.
         eps: entropic regularisation (> 0).
         tol: stop when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (default: 1e-6 in float64, 1e-4
             otherwise; 0: run exactly ``max_iter`` iterations, and ``converged`` then only says
