@@ -144,3 +144,12 @@ def test_sns_returns_c_transforms_at_zero_weight_points(gen):
     g_ct = -eps * torch.logsumexp(torch.log(a)[:, None] + (f_ct[:, None] - C) / eps, dim=0)
     torch.testing.assert_close(f[:3], f_ct[:3], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(g[:2], g_ct[:2], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0, 1000.0, -1000.0])
+def test_centred_float32_clouds_have_exactly_the_costs_of_the_points_as_given(offset, gen):
+    """The float64 re-check of a float32 solve reads these costs: they must be the inputs' own."""
+    x, y = clouds(30, 20, 3, gen, shift=0.5)
+    x32, y32 = (x + offset).float(), (y + offset).float()
+    geom = otcore.PointCloud(x32, y32, backend="torch").to_dtype(F64)
+    torch.testing.assert_close(geom.materialize()[0], sqdist(x32.double(), y32.double()), rtol=1e-12, atol=1e-9)

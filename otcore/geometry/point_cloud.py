@@ -13,15 +13,21 @@ from otcore.kernels.codes import POINT_COSTS
 
 
 def _centred(x: torch.Tensor, y: torch.Tensor, grid: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and y shifted by their joint mean (B, 1, d), which no supported cost sees (no gradient).
+    """x and y shifted by their joint mean (B, 1, d), which no supported cost sees (no gradient),
+    in the coordinates where the shift is exact: the points then have exactly the costs of the
+    points as given (what a float64 check of the solve must see).
 
-    ``grid``: the half dtype the points were given in. The mean is rounded to it, so that the
-    differences of half values near it are exact in float32: the centred points then have
-    exactly the costs of the points as given.
+    The mean is rounded to ``grid`` (the dtype the points were given in; default theirs), and a
+    coordinate is shifted only where every point lies within a factor 2 of it, same sign
+    (Sterbenz's lemma: the difference is then exact). Those are the coordinates where centring
+    matters, far from the origin against the spread; elsewhere the shift is 0.
     """
-    center = torch.cat([x, y], dim=1).mean(dim=1, keepdim=True).detach()
-    if grid is not None:
-        center = center.to(grid).to(x.dtype)
+    points = torch.cat([x, y], dim=1).detach()
+    center = points.mean(dim=1, keepdim=True).to(grid or x.dtype).to(x.dtype)
+    low, high = points.amin(dim=1, keepdim=True), points.amax(dim=1, keepdim=True)
+    positive = (low >= center / 2) & (high <= 2 * center)
+    negative = (high <= center / 2) & (low >= 2 * center)
+    center = torch.where(positive | negative, center, 0.0)
     return x - center, y - center
 
 
