@@ -19,6 +19,7 @@ from otcore.solvers import (
     sns,
     wasserstein_1d,
 )
+from otcore.solvers.sparse import sparse_ot
 from otcore.warnings import ConvergenceWarning, PrecisionWarning
 
 __version__ = metadata.version("otcore")
@@ -39,5 +40,6 @@ __all__ = [
     "sinkhorn_divergence",
     "sliced_wasserstein",
     "sns",
+    "sparse_ot",
     "wasserstein_1d",
 ]

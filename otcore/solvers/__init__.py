@@ -5,6 +5,7 @@ from otcore.solvers.entropic import sinkhorn, sns
 from otcore.solvers.exact import emd
 from otcore.solvers.ot1d import wasserstein_1d
 from otcore.solvers.sliced import energy_sliced_wasserstein, max_sliced_wasserstein, sliced_wasserstein
+from otcore.solvers.sparse import sparse_ot
 
 __all__ = [
     "emd",
@@ -13,5 +14,6 @@ __all__ = [
     "sinkhorn",
     "sliced_wasserstein",
     "sns",
+    "sparse_ot",
     "wasserstein_1d",
 ]

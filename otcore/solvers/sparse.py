@@ -1,0 +1,400 @@
+"""Sparsity-constrained OT: at most k nonzeros in each column of the plan.
+
+Solves ``min_{T in U(a, b)} <T, C> + sum_j Omega(t_j)`` with ``t_j`` the j-th column of T and
+
+    Omega(t) = (gamma / 2) |t|_2^2 + indicator(|t|_0 <= k),
+
+the convention of POT's ``ot.smooth`` with ``reg=gamma`` (``max_nz=k``), through one of two
+concave maximisations over potentials:
+
+* semi-dual ``S(alpha) = <a, alpha> - sum_j max_{t in b_j Delta, |t|_0 <= k} <alpha - c_j, t>
+  - (gamma/2)|t|^2``, whose inner maximiser is the sparse simplex projection
+  ``t_j = proj_{b_j Delta_k}((alpha - c_j) / gamma)``: columns sum exactly to b;
+* dual ``D(alpha, beta) = <a, alpha> + <b, beta> - (gamma/2) |T|^2`` with
+  ``T = topk_relu(alpha + beta_j - c_j) / gamma`` per column ("top-k squared ReLU").
+
+In both, ``T_ij = [f_i + g_j - C_ij]_+ / gamma`` on the top-k support of each column (the
+semi-dual's ``g_j = -gamma theta_j`` is the threshold of column j's projection). k >= n is the
+squared-l2 regularised OT of Blondel et al. (POT ``reg_type="l2"``); k = 1 tends to
+unregularised OT as gamma -> 0. For k < n the objectives are only piecewise smooth (ties
+between supports), and both are convex relaxations: their optimum is a lower bound of the
+nonconvex primal, the semi-dual's the tighter one.
+
+References:
+    Liu, Puigcerver, Blondel, "Sparsity-constrained optimal transport", ICLR 2023.
+    Blondel, Seguy, Rolet, "Smooth and sparse optimal transport", AISTATS 2018.
+    Kyrillidis, Becker, Cevher, Koch, "Sparse projections onto the simplex", ICML 2013.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import scipy.optimize
+import torch
+
+from otcore._validation import _real, check_max_iter, check_positive, check_tol
+from otcore.core.linalg import conjugate_gradient
+from otcore.core.plan import DensePlan
+from otcore.core.problem import prepare_problem, warn_not_converged
+from otcore.core.result import OTResult
+from otcore.solvers.entropic.dual import default_tol
+from otcore.solvers.projections import sparse_simplex_projection, top_k_relu
+
+FORMULATIONS = ("semi-dual", "dual")
+METHODS = ("lbfgs", "adam")
+DEFAULT_MAX_ITER = {"lbfgs": 500, "adam": 20}
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+_RESTARTS = 5  # L-BFGS-B restarts from its last point while they improve the objective ...
+_RESTART_GAIN = 1e-9  # ... by more than this, relatively
+_NEWTON_STEPS = 30  # polishing steps after L-BFGS ...
+_LINE_SEARCH = 30  # ... each with at most this many halvings
+_FLAT = 1e-14  # objective changes below this (relative) are rounding
+_FTOL = 1e-9  # L-BFGS-B: stop when the objective decreases by less than this, relatively (POT's stopThr)
+
+# (x, C, a, b) -> objective (B,), its gradient in x (B, N), plan (B, n, m), f (B, n), g (B, m)
+Objective = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def sparse_ot(
+    cost,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    k: int,
+    gamma: float = 1.0,
+    formulation: str = "semi-dual",
+    method: str = "lbfgs",
+    tol: float | None = None,
+    max_iter: int | None = None,
+    lr: float = 1e-2,
+    warn: bool = True,
+    validate: bool = True,
+) -> OTResult:
+    """Sparsity-constrained OT (Liu, Puigcerver & Blondel 2023): a plan with <= k nonzeros per column.
+
+    Maximises the semi-dual ``S(alpha)`` (default) or the dual ``D(alpha, beta)`` of the module
+    docstring, with ``Omega(t) = (gamma/2)|t|^2`` on each column limited to k nonzeros: the same
+    scaling as POT's ``ot.smooth.smooth_ot_semi_dual(a, b, C, reg=gamma,
+    reg_type="sparsity_constrained", max_nz=k)`` (and ``reg_type="l2"`` for k >= n).
+
+    Methods:
+        ``"lbfgs"``: scipy's L-BFGS-B in float64, one problem at a time, with the objective
+        and its gradient evaluated by torch on the input's device (only the potentials cross to
+        the host). Chosen over ``torch.optim.LBFGS`` because its line search copes with the
+        piecewise-smooth k < n objective (in trials torch's strong-Wolfe search stalled at kinks
+        well below POT's optimum), and float64 whatever the input's dtype. It stops as POT does
+        (relative decrease of the objective below 1e-9, or every gradient entry below tol / N,
+        N = n, or n + m for the dual), restarts from its last point (fresh curvature memory)
+        while that gains more than 1e-9 relatively, all within ``max_iter`` iterations. For
+        k >= n (smooth) semismooth Newton steps on the plan's support then polish the
+        problems above ``tol`` (quadratic once the support settles). The potentials are then
+        differentiated implicitly: a conjugate-gradient solve with the objective's Hessian on
+        the plan's support (exact where the support is locally constant).
+        ``"adam"``: ``max_iter`` Adam steps of size ``lr`` from zero potentials, no host
+        synchronisation (the V-MoE router recipe: 20 steps, lr 1e-2, gamma 1); the potentials
+        and plan are differentiated by unrolling the steps (epsilon inside Adam's square root,
+        so the unrolled graph stays finite).
+
+    Args:
+        cost: (n, m) / (B, n, m) tensor or a geometry (materialised: the method is O(nm)).
+        a: (n,) / (B, n) source weights (None: uniform).
+        b: (m,) / (B, m) target weights (None: uniform); equal total mass to a.
+        k: at most k nonzeros per column (an integer >= 1; k >= n imposes no sparsity).
+        gamma: weight of the quadratic term (> 0), in the units of the cost per unit mass.
+        formulation: ``"semi-dual"`` (columns sum exactly to b) or ``"dual"``.
+        method: ``"lbfgs"`` (to ``tol``) or ``"adam"`` (``max_iter`` steps).
+        tol: target for the marginal error ``|T1 - a|_1 + |T^T 1 - b|_1`` (the gradient's l1
+            norm). Default 1e-6 in float64, 1e-4 otherwise. With ``"adam"``, ``tol=0`` skips the
+            test (``converged`` then only says the potentials are finite).
+        max_iter: L-BFGS iterations (default 500, POT's) or Adam steps (default 20).
+        lr: Adam's step size (ignored by L-BFGS, which uses a line search).
+        warn: one ``ConvergenceWarning`` if a problem did not converge.
+        validate: check input values (finite costs, weights, masses) on the host.
+
+    Returns:
+        ``OTResult`` with ``plan`` the sparse plan T (<= k nonzeros per column), ``f`` the
+        potential alpha, ``g`` the column potential (beta; for the semi-dual ``-gamma theta_j``
+        as above), ``value`` the objective reached (S or D; a lower bound of the sparse primal),
+        ``eps=None`` and ``info={"error": marginal error (B,)}``. ``converged`` is True when the
+        error is <= tol, or, for k < n with L-BFGS, when the objective stopped improving (by
+        1e-9 relatively) before ``max_iter``: there the maximum often sits at a kink where the
+        gradient, hence the row error, cannot vanish (the relaxation's plan is only
+        approximately feasible on the rows; read ``info["error"]``). ``value`` is
+        differentiated by the envelope theorem in every mode: its gradient is the plan in C, f
+        in a and g in b (for Adam, with the potentials held fixed). ``n_iter``: L-BFGS
+        iterations (restarts included) or Adam steps.
+
+    Raises:
+        ValueError: k not an integer >= 1, gamma <= 0, unknown formulation or method, lr <= 0,
+            and the usual bad shapes, weights, costs and unequal masses.
+    """
+    k = _check_k(k)
+    gamma = check_positive("gamma", gamma)
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    max_iter = check_max_iter("max_iter", DEFAULT_MAX_ITER[method] if max_iter is None else max_iter)
+    lr = check_positive("lr", lr)
+    problem = prepare_problem(cost, a, b, balanced=True, validate=validate)
+    C = problem.geom.materialize()
+    a, b = problem.a, problem.b
+    tol = check_tol(default_tol(C.dtype) if tol is None else tol)
+    objective = _semi_dual if formulation == "semi-dual" else _dual
+    fn = lambda x, cost: objective(x, cost, a, b, gamma=gamma, k=k)
+    B, n, m = C.shape
+    x0 = torch.zeros(B, n if formulation == "semi-dual" else n + m, dtype=C.dtype, device=C.device)
+
+    if method == "lbfgs":
+        C64, a64, b64 = (t.detach().double() for t in (C, a, b))
+        x, n_iter, stopped = _lbfgs(
+            lambda x, i: objective(x, C64[i:i + 1], a64[i:i + 1], b64[i:i + 1], gamma=gamma, k=k)[:2],
+            x0, max_iter=max_iter, tol=tol)
+        if k >= n:  # smooth: polish to tol; k < n: a stationary objective is the stopping test
+            x = _newton_polish(objective, x, C64, a64, b64, gamma=gamma, k=k, tol=tol)
+        stopped = stopped & (k < n)
+        x = _ImplicitPotentials.apply(x.to(C.dtype), C, a, b, gamma, k, formulation)
+    else:
+        x = _adam(lambda x: fn(x, C)[1], x0, steps=max_iter, lr=lr)
+        n_iter = torch.full((B,), max_iter, dtype=torch.int64, device=C.device)
+        stopped = torch.zeros(B, dtype=torch.bool, device=C.device)
+    objective_value, _, plan, f, g = fn(x, C)
+    value = (objective_value.detach() + (plan.detach() * (C - C.detach())).sum((-2, -1))
+             + (f.detach() * (a - a.detach())).sum(-1) + (g.detach() * (b - b.detach())).sum(-1))
+
+    with torch.no_grad():
+        error = _marginal_error(plan, a, b)
+        finite = torch.isfinite(error) & torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1)
+        met = error <= tol if (method == "lbfgs" or tol > 0) else torch.ones_like(finite)
+        overflow = problem.output_overflow(f, g, value)
+        converged = (met | stopped) & finite & ~overflow
+    if warn:
+        warn_not_converged("sparse_ot", converged=converged, max_iter=max_iter, causes={
+            "have non-finite potentials": ~finite,
+            f"have outputs beyond the range of {problem.out_dtype} (solve in float32)": overflow,
+        })
+    return problem.result(f=f, g=g, value=value, n_iter=n_iter, converged=converged,
+                          operator=DensePlan(problem.geom, a, b, plan, C), info={"error": error})
+
+
+def _check_k(k) -> int:
+    """k as an int, or ValueError unless it is an integer >= 1."""
+    try:
+        ok = _real("k", k, "an integer >= 1").is_integer() and int(k) >= 1
+    except (ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"k (nonzeros per column) must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+# ------------------------------------------------------------------------------ objectives
+def _semi_dual(alpha, C, a, b, *, gamma: float, k: int):
+    """Semi-dual S(alpha) (B,), its gradient a - T1 (B, n), the plan T (B, n, m), f, g.
+
+    Column j of T is the projection of (alpha - c_j)/gamma onto {t >= 0, sum t = b_j, |t|_0 <= k}.
+    """
+    X = alpha.unsqueeze(-1) - C
+    t, theta = sparse_simplex_projection(X.mT / gamma, k, b)
+    T = t.mT
+    value = (a * alpha).sum(-1) - (X * T).sum((-2, -1)) + 0.5 * gamma * (T * T).sum((-2, -1))
+    return value, a - T.sum(-1), T, alpha, -gamma * theta
+
+
+def _dual(x, C, a, b, *, gamma: float, k: int):
+    """Dual D(alpha, beta) (B,), its gradient [a - T1, b - T^T 1] (B, n + m), the plan, alpha, beta."""
+    n = C.shape[-2]
+    alpha, beta = x[:, :n], x[:, n:]
+    T = top_k_relu((alpha.unsqueeze(-1) + beta.unsqueeze(-2) - C).mT, k).mT / gamma
+    value = (a * alpha).sum(-1) + (b * beta).sum(-1) - 0.5 * gamma * (T * T).sum((-2, -1))
+    grad = torch.cat([a - T.sum(-1), b - T.sum(-2)], -1)
+    return value, grad, T, alpha, beta
+
+
+# ------------------------------------------------------------------------------ optimisers
+def _lbfgs(fn, x0: torch.Tensor, *, max_iter: int, tol: float):
+    """Maximise the separable objective ``fn(x) -> (value (B,), gradient (B, N))`` by scipy's L-BFGS-B.
+
+    One float64 solve per problem, with the objective evaluated by torch on the input's device
+    (only the N potentials cross to the host). L-BFGS-B stops when the gradient's entries are
+    all below ``tol / N`` or the objective's relative decrease falls below ``_FTOL``; it is then
+    restarted from its last point (the objective is only piecewise smooth for k < n) until a
+    restart gains less than ``_RESTART_GAIN`` relatively, or ``max_iter`` iterations in all.
+    Returns the maximisers (B, N) (detached, float64), the iterations run (B,), and (B,)
+    whether the objective was found stationary (small gradient, or a restart gained nothing).
+    """
+    B, N = x0.shape
+    xs, n_iter, stopped = [], [], []
+    for i in range(B):
+        def negated(z, i=i):
+            x = torch.as_tensor(z, dtype=torch.float64, device=x0.device).unsqueeze(0)
+            with torch.no_grad():
+                value, grad = fn(x, i)
+            return -float(value), -grad[0].cpu().numpy()
+
+        z, nit, best, stationary = x0[i].detach().double().cpu().numpy(), 0, math.inf, False
+        for attempt in range(_RESTARTS + 1):  # a fresh curvature memory gets L-BFGS past kinks (k < n)
+            res = scipy.optimize.minimize(negated, z, jac=True, method="L-BFGS-B", options={
+                "maxiter": max_iter - nit, "gtol": tol / N, "ftol": _FTOL, "maxfun": 25 * max_iter})
+            nit, gain = nit + res.nit, best - res.fun
+            z, best = res.x, res.fun
+            stationary = (np.abs(res.jac).max() <= tol / N
+                          or attempt > 0 and gain <= _RESTART_GAIN * max(1.0, abs(res.fun)))
+            if stationary or nit >= max_iter:
+                break
+        xs.append(torch.as_tensor(z, dtype=torch.float64, device=x0.device))
+        n_iter.append(nit)
+        stopped.append(stationary)
+    device = x0.device
+    return (torch.stack(xs), torch.tensor(n_iter, dtype=torch.int64, device=device),
+            torch.tensor(stopped, device=device))
+
+
+def _adam(grad_fn, x0: torch.Tensor, *, steps: int, lr: float) -> torch.Tensor:
+    """``steps`` Adam ascent steps on the objective whose gradient is ``grad_fn(x)`` (B, N).
+
+    Differentiable by unrolling (when autograd is on); no host synchronisation.
+    """
+    beta1, beta2 = _ADAM_BETAS
+    x, m, v = x0, torch.zeros_like(x0), torch.zeros_like(x0)
+    for step in range(1, steps + 1):
+        grad = grad_fn(x)
+        m = beta1 * m + (1 - beta1) * grad
+        v = beta2 * v + (1 - beta2) * grad * grad
+        m_hat, v_hat = m / (1 - beta1**step), v / (1 - beta2**step)
+        x = x + lr * m_hat / (v_hat + _ADAM_EPS**2).sqrt()
+    return x
+
+
+
+# ------------------------------------------------------------------------------ second order
+def _marginal_error(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|T1 - a|_1 + |T^T 1 - b|_1 per problem: (B,)."""
+    return (plan.sum(-1) - a).abs().sum(-1) + (plan.sum(-2) - b).abs().sum(-1)
+
+
+def _hessian(M: torch.Tensor, gamma: float, *, semi: bool, shift: float = 0.0):
+    """Minus the Hessian H of the objective with the plan's support M (B, n, m) held fixed, as
+    ``(matvec, project)``: H v on (B, N), and the projection onto the range of H (off the gauge).
+
+    Semi-dual: H = (1/gamma) sum_j (diag(M_j) - M_j M_j^T / |M_j|), gauge alpha + c.
+    Dual: H = (1/gamma) [[diag(M 1), M], [M^T, diag(M^T 1)]], gauge (alpha + c, beta - c).
+    Rows (and dual columns) outside the support are in the null space and projected to 0.
+    ``shift > 0`` returns H + delta I instead (delta = shift x H's largest diagonal entry, no
+    projection): solvable whatever the support's connected components.
+    """
+    rows, cols = M.sum(-1), M.sum(-2)
+    n = M.shape[-2]
+    if semi:
+        per_col = cols.clamp(min=1)
+
+        def matvec(v):
+            mean = (M.mT @ v.unsqueeze(-1)) / per_col.unsqueeze(-1)
+            return (rows * v - (M @ mean).squeeze(-1)) / gamma
+
+        active = rows > 0
+        gauge = active.to(M.dtype)
+    else:
+        def matvec(v):
+            va, vb = v[:, :n], v[:, n:]
+            return torch.cat([rows * va + (M @ vb.unsqueeze(-1)).squeeze(-1),
+                              (M.mT @ va.unsqueeze(-1)).squeeze(-1) + cols * vb], -1) / gamma
+
+        active = torch.cat([rows > 0, cols > 0], -1)
+        gauge = torch.cat([(rows > 0).to(M.dtype), -(cols > 0).to(M.dtype)], -1)
+    if shift > 0:
+        delta = (shift / gamma) * torch.cat([rows, cols], -1).amax(-1, keepdim=True).clamp(min=1)
+        return (lambda v: matvec(v) + delta * v), None
+    norm2 = (gauge * gauge).sum(-1, keepdim=True).clamp(min=1)
+
+    def project(v):
+        v = torch.where(active, v, 0)
+        return v - gauge * (v * gauge).sum(-1, keepdim=True) / norm2
+
+    return matvec, project
+
+
+def _solve(matvec, project, rhs: torch.Tensor) -> torch.Tensor:
+    """H x = rhs on the range of H by conjugate gradient (B, N)."""
+    rtol = 1e-13 if rhs.dtype == torch.float64 else 1e-6
+    x, _ = conjugate_gradient(matvec, rhs, rtol=rtol, max_iter=min(1000, max(50, 2 * rhs.shape[-1])), project=project,
+                              inner=lambda u, v: (u * v).sum(-1))
+    return x
+
+
+def _newton_polish(objective: Objective, x, C, a, b, *, gamma: float, k: int, tol: float) -> torch.Tensor:
+    """Up to ``_NEWTON_STEPS`` semismooth Newton steps on the problems whose marginal error
+    exceeds ``tol``: x <- x + t d with (H + delta I) d = grad (H on the current support; delta,
+    1e-8 of H's largest diagonal, keeps disconnected supports solvable), t halved until the
+    objective rises (Armijo) or, once it is flat to machine precision, the error falls. L-BFGS's
+    value-based line search stalls there, far from a tight tol; Newton converges quadratically
+    where the support settles (k >= n). A problem leaves the loop at the first failed search."""
+    semi = objective is _semi_dual
+    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(_NEWTON_STEPS):
+        value, grad, plan = objective(x, C, a, b, gamma=gamma, k=k)[:3]
+        error = _marginal_error(plan, a, b)
+        active = active & (error > tol)
+        if not bool(active.any()):
+            break
+        M = (plan > 0).to(x.dtype)
+        step = _solve(*_hessian(M, gamma, semi=semi, shift=1e-8), grad)
+        slope = (grad * step).sum(-1)
+        pending = active
+        for j in range(_LINE_SEARCH):
+            t = 0.5**j
+            trial = x + t * step
+            value_t, _, plan_t = objective(trial, C, a, b, gamma=gamma, k=k)[:3]
+            flat = value_t >= value - _FLAT * value.abs().clamp(min=1)  # equal to machine precision
+            better = pending & ((value_t > value + 1e-4 * t * slope) | flat & (_marginal_error(plan_t, a, b) < error))
+            x = torch.where(better.unsqueeze(-1), trial, x)
+            pending = pending & ~better
+            if not bool(pending.any()):
+                break
+        active = active & ~pending
+    return x
+
+
+# ------------------------------------------------------------------------------ implicit gradient
+class _ImplicitPotentials(torch.autograd.Function):
+    """Identity on the optimal potentials x* (B, N) in the forward; in the backward, the
+    implicit-function gradient of x*(C, a, b) through the optimality condition grad(x) = 0.
+
+    With M the plan's support (T > 0) and the support held fixed, the condition's Jacobian in
+    x is a PSD matrix H (singular along the gauge: alpha + c for the semi-dual, (alpha + c,
+    beta - c) for the dual); ``H w = upstream`` is solved by conjugate gradient on the range of H.
+    Semi-dual: H = (1/gamma) sum_j (diag(M_j) - M_j M_j^T / |M_j|); dual: (1/gamma) [[diag(M1), M],
+    [M^T, diag(M^T 1)]].
+    """
+
+    @staticmethod
+    def forward(x, C, a, b, gamma, k, formulation):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, C, a, b, gamma, k, formulation = inputs
+        with torch.no_grad():
+            objective = _semi_dual if formulation == "semi-dual" else _dual
+            plan = objective(x, C, a, b, gamma=gamma, k=k)[2]
+        ctx.save_for_backward((plan > 0).to(x.dtype))
+        ctx.gamma, ctx.semi = gamma, formulation == "semi-dual"
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (M,) = ctx.saved_tensors
+        gamma, n = ctx.gamma, M.shape[-2]
+        matvec, project = _hessian(M, gamma, semi=ctx.semi)
+        w = _solve(matvec, project, upstream)
+        if ctx.semi:
+            mean_on_support = (M.mT @ w.unsqueeze(-1)).squeeze(-1) / M.sum(-2).clamp(min=1)
+            grad_C = M * (w.unsqueeze(-1) - mean_on_support.unsqueeze(-2)) / gamma
+            grad_a, grad_b = w, -mean_on_support
+        else:
+            grad_a, grad_b = w[:, :n], w[:, n:]
+            grad_C = M * (grad_a.unsqueeze(-1) + grad_b.unsqueeze(-2)) / gamma
+        return None, grad_C, grad_a, grad_b, None, None, None

@@ -1,0 +1,267 @@
+"""Sparsity-constrained OT (otcore.sparse_ot) against POT's ot.smooth, closed forms and brute force."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import warnings
+
+import numpy as np
+import ot
+import ot.smooth
+import pytest
+import torch
+from conftest import F64, clouds, simplex, sqdist
+
+import otcore
+from otcore.solvers.projections import sparse_simplex_projection
+
+GAMMA = 0.1
+
+
+def _quiet(fn, *args, **kwargs):
+    """Call a POT function with its stray prints (projection_sparse_simplex) silenced."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+def _problem(gen, n=12, m=9):
+    x, y = clouds(n, m, 2, gen)
+    return sqdist(x, y), simplex(n, gen), simplex(m, gen)
+
+
+def _regul(k: int, n: int, gamma: float = GAMMA):
+    return ot.smooth.SquaredL2(gamma=gamma) if k >= n else ot.smooth.SparsityConstrained(max_nz=k, gamma=gamma)
+
+
+def _pot_kwargs(k: int, n: int):
+    return {"reg_type": "l2"} if k >= n else {"reg_type": "sparsity_constrained", "max_nz": k}
+
+
+def _simplex_projection_bisect(v: torch.Tensor, mass: float) -> torch.Tensor:
+    """Euclidean projection onto {p >= 0, sum p = mass} by bisection on the threshold (float64)."""
+    lo, hi = float(v.min()) - mass, float(v.max())
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if float((v - mid).clamp(min=0).sum()) > mass else (lo, mid)
+    return (v - 0.5 * (lo + hi)).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------- projection
+@pytest.mark.parametrize("k", [1, 2, 3, 6])
+def test_sparse_projection_is_the_closest_k_sparse_point(gen, k):
+    v = torch.randn(4, 6, generator=gen, dtype=F64)
+    mass = torch.tensor([1.0, 0.3, 2.0, 0.7], dtype=F64)
+    p, theta = sparse_simplex_projection(v, k, mass)
+    for i in range(v.shape[0]):  # brute force over every support of size k
+        best = min(
+            (torch.zeros(6, dtype=F64).index_put((torch.tensor(s),), _simplex_projection_bisect(v[i, list(s)], float(mass[i])))
+             for s in itertools.combinations(range(6), min(k, 6))),
+            key=lambda q, i=i: float(((q - v[i]) ** 2).sum()),
+        )
+        torch.testing.assert_close(p[i], best, atol=1e-10, rtol=0)
+        support = p[i] > 0
+        torch.testing.assert_close(p[i][support], v[i][support] - theta[i], atol=1e-12, rtol=0)
+    assert int((p > 0).sum(-1).max()) <= k
+    torch.testing.assert_close(p.sum(-1), mass, atol=1e-12, rtol=0)
+
+
+def test_sparse_projection_matches_pot_and_breaks_ties_to_the_lower_index(gen):
+    V = torch.randn(7, 5, generator=gen, dtype=F64)
+    ref = _quiet(ot.utils.projection_sparse_simplex, V.numpy(), 3, axis=0)
+    p, _ = sparse_simplex_projection(V.mT, 3)
+    np.testing.assert_allclose(p.mT.numpy(), ref, atol=1e-12)
+    tied = torch.tensor([0.5, 2.0, 0.5, 2.0, 2.0], dtype=F64)
+    p, _ = sparse_simplex_projection(tied, 2)
+    assert p.tolist() == [0.0, 0.5, 0.0, 0.5, 0.0]
+    p, _ = sparse_simplex_projection(torch.tensor([3.0, -1.0], dtype=F64), 1, 0.0)
+    assert p.tolist() == [0.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- against POT
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_semi_dual_objective_at_least_pots(gen, k):
+    C, a, b = _problem(gen)
+    A, B, M = a.numpy(), b.numpy(), C.numpy()
+    regul = _regul(k, len(a))
+    _, log = _quiet(ot.smooth.smooth_ot_semi_dual, A, B, M, GAMMA, log=True, **_pot_kwargs(k, len(a)))
+    pot_value = _quiet(ot.smooth.semi_dual_obj_grad, log["alpha"], A, B, M, regul)[0]
+    res = otcore.sparse_ot(C, a, b, k=k, gamma=GAMMA, warn=False)
+    ours = _quiet(ot.smooth.semi_dual_obj_grad, res.f.numpy(), A, B, M, regul)[0]
+    assert ours >= pot_value - 1e-10
+    assert float(res.value) == pytest.approx(ours, abs=1e-12)  # value is S at f, by POT's formula
+    # the plan is the one its potential defines, with <= k nonzeros per column summing to b
+    plan = _quiet(ot.smooth.get_plan_from_semi_dual, res.f.numpy(), B, M, regul)
+    np.testing.assert_allclose(res.plan.numpy(), plan, atol=1e-12)
+    assert int((res.plan > 0).sum(0).max()) <= k
+    torch.testing.assert_close(res.plan.sum(0), b, atol=1e-12, rtol=0)
+    # g is the column threshold: T = [f + g - C]_+ / gamma on the support
+    support = res.plan > 0
+    torch.testing.assert_close(res.plan[support], ((res.f[:, None] + res.g[None] - C) / GAMMA)[support],
+                               atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_dual_plan_and_objective_against_pot(gen, k):
+    C, a, b = _problem(gen)
+    A, B, M = a.numpy(), b.numpy(), C.numpy()
+    regul = _regul(k, len(a))
+    _, log = _quiet(ot.smooth.smooth_ot_dual, A, B, M, GAMMA, log=True, **_pot_kwargs(k, len(a)))
+    pot_value = ot.smooth.dual_obj_grad(log["alpha"], log["beta"], A, B, M, regul)[0]
+    res = otcore.sparse_ot(C, a, b, k=k, gamma=GAMMA, formulation="dual", warn=False)
+    ours = ot.smooth.dual_obj_grad(res.f.numpy(), res.g.numpy(), A, B, M, regul)[0]
+    assert float(res.value) == pytest.approx(ours, abs=1e-12)
+    assert ours >= pot_value - 1e-3 * abs(pot_value)  # nonsmooth: L-BFGS ends near, not at, a kink
+    plan = ot.smooth.get_plan_from_dual(res.f.numpy(), res.g.numpy(), M, regul)
+    np.testing.assert_allclose(res.plan.numpy(), plan, atol=1e-12)
+    assert int((res.plan > 0).sum(0).max()) <= k
+    # weak duality: the dual is a relaxation of the semi-dual
+    semi = otcore.sparse_ot(C, a, b, k=k, gamma=GAMMA, warn=False)
+    assert float(res.value) <= float(semi.value) + 1e-3 * abs(float(semi.value))
+
+
+@pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
+def test_k_at_least_n_is_quadratic_ot(gen, formulation):
+    C, a, b = _problem(gen)
+    A, B, M = a.numpy(), b.numpy(), C.numpy()
+    solve = ot.smooth.smooth_ot_semi_dual if formulation == "semi-dual" else ot.smooth.smooth_ot_dual
+    ref = solve(A, B, M, GAMMA, reg_type="l2", stopThr=1e-14, numItermax=5000)
+    res = otcore.sparse_ot(C, a, b, k=len(a) + 3, gamma=GAMMA, formulation=formulation, tol=1e-10)
+    assert bool(res.converged)
+    np.testing.assert_allclose(res.plan.numpy(), ref, atol=1e-6)
+    # strong duality of the smooth problem: value = <T, C> + (gamma/2)|T|^2 at the (feasible) plan
+    primal = (res.plan * C).sum() + GAMMA / 2 * (res.plan**2).sum()
+    assert float(res.value) == pytest.approx(float(primal), rel=1e-8)
+    assert float(res.marginal_error) <= 1e-9
+
+
+def test_k_one_is_unregularised_ot_plus_a_constant(gen):
+    """For k = 1 every column is a vertex of the simplex: S(alpha) is the c-transform semi-dual of
+    unregularised OT plus (gamma/2) sum_j b_j^2, whose maximum is emd2 + that constant."""
+    C, a, b = _problem(gen, n=8, m=8)
+    gamma = 1e-4
+    res = otcore.sparse_ot(C, a, b, k=1, gamma=gamma, warn=False, max_iter=2000)
+    c_transform = (a * res.f).sum() - (b * (res.f[:, None] - C).max(0).values).sum()
+    constant = gamma / 2 * (b * b).sum()
+    assert float(res.value) == pytest.approx(float(c_transform + constant), rel=1e-10)
+    exact = ot.emd2(a.numpy(), b.numpy(), C.numpy())
+    assert float(res.value - constant) <= exact + 1e-10  # weak duality
+    assert float(res.value - constant) == pytest.approx(exact, rel=1e-2)
+    assert bool(((res.plan > 0).sum(0) == 1).all())
+
+
+# ----------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
+def test_gradcheck_plan_and_value_in_the_smooth_case(gen, formulation):
+    C, a, b = _problem(gen, n=5, m=4)
+    C = C.clone().requires_grad_(True)
+
+    def outputs(cost):
+        res = otcore.sparse_ot(cost, a, b, k=5, gamma=1.0, formulation=formulation, tol=1e-12, max_iter=2000)
+        return res.plan, res.value
+
+    torch.autograd.gradcheck(outputs, (C,), atol=1e-5, rtol=1e-4)
+    value = otcore.sparse_ot(C, a, b, k=5, gamma=1.0, formulation=formulation, tol=1e-12).value
+    (grad,) = torch.autograd.grad(value, C)
+    plan = otcore.sparse_ot(C.detach(), a, b, k=5, gamma=1.0, formulation=formulation, tol=1e-12).plan
+    torch.testing.assert_close(grad, plan, atol=1e-12, rtol=0)  # envelope theorem
+
+
+def test_adam_steps_are_unrolled_exactly(gen):
+    """The Adam mode differentiates its fixed number of steps: compare with finite differences."""
+    C, a, b = _problem(gen, n=5, m=4)
+    C = C.clone().requires_grad_(True)
+    weights = torch.randn(5, 4, generator=gen, dtype=F64)
+
+    def loss(cost):
+        res = otcore.sparse_ot(cost, a, b, k=2, gamma=1.0, method="adam", max_iter=5, lr=0.05, tol=0)
+        return (res.plan * weights).sum() + res.f.square().sum()
+
+    torch.autograd.gradcheck(loss, (C,), atol=1e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- API behaviour
+@pytest.mark.parametrize(("formulation", "method"), [("semi-dual", "lbfgs"), ("dual", "lbfgs"), ("semi-dual", "adam")])
+def test_batched_equals_one_by_one(gen, formulation, method):
+    problems = [_problem(gen) for _ in range(3)]
+    C = torch.stack([p[0] for p in problems])
+    a = torch.stack([p[1] for p in problems])
+    b = torch.stack([p[2] for p in problems])
+    opts = {"k": 3, "gamma": GAMMA, "formulation": formulation, "method": method, "warn": False, "max_iter": 60}
+    batch = otcore.sparse_ot(C, a, b, **opts)
+    assert batch.plan.shape == (3, 12, 9)
+    for i in range(3):
+        one = otcore.sparse_ot(C[i], a[i], b[i], **opts)
+        torch.testing.assert_close(batch.plan[i], one.plan, atol=1e-12, rtol=0)
+        torch.testing.assert_close(batch.value[i], one.value, atol=1e-12, rtol=0)
+
+
+def test_adam_reaches_the_lbfgs_optimum_and_geometry_input(gen):
+    x, y = clouds(10, 10, 2, gen)
+    a, b = simplex(10, gen), simplex(10, gen)
+    lbfgs = otcore.sparse_ot(otcore.PointCloud(x, y), a, b, k=10, gamma=1.0, tol=1e-10)
+    torch.testing.assert_close(lbfgs.plan, otcore.sparse_ot(sqdist(x, y), a, b, k=10, gamma=1.0, tol=1e-10).plan,
+                               atol=1e-9, rtol=0)
+    adam = otcore.sparse_ot(otcore.CostMatrix(sqdist(x, y)), a, b, k=10, gamma=1.0, method="adam", max_iter=3000,
+                            lr=0.02, tol=1e-4)
+    assert bool(adam.converged)
+    assert float(adam.value) == pytest.approx(float(lbfgs.value), rel=1e-5)
+
+
+def test_float32_keeps_dtype_and_agrees_with_float64(gen):
+    C, a, b = _problem(gen)
+    ref = otcore.sparse_ot(C, a, b, k=3, gamma=GAMMA, warn=False)
+    for method in ("lbfgs", "adam"):
+        res = otcore.sparse_ot(C.float(), a.float(), b.float(), k=3, gamma=GAMMA, method=method, warn=False)
+        for t in (res.plan, res.f, res.g, res.value):
+            assert t.dtype == torch.float32
+    res = otcore.sparse_ot(C.float(), a.float(), b.float(), k=3, gamma=GAMMA, warn=False)
+    assert float(res.value) == pytest.approx(float(ref.value), rel=1e-5)
+
+
+def test_non_convergence_warns_once_and_flags(gen):
+    C, a, b = _problem(gen)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = otcore.sparse_ot(C, a, b, k=12, gamma=GAMMA, max_iter=2, tol=1e-12)
+    assert [w.category for w in caught] == [otcore.ConvergenceWarning]
+    assert not bool(res.converged)
+    assert float(res.info["error"]) > 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = otcore.sparse_ot(C, a, b, k=2, gamma=GAMMA, method="adam", tol=0)
+    assert bool(res.converged)
+
+
+def test_zero_weights_give_finite_results(gen):
+    C, _, _ = _problem(gen)
+    a, b = simplex(12, gen, zeros=3), simplex(9, gen, zeros=2)
+    for formulation in ("semi-dual", "dual"):
+        res = otcore.sparse_ot(C, a, b, k=2, gamma=GAMMA, formulation=formulation, warn=False, max_iter=60)
+        assert bool(torch.isfinite(res.plan).all()) and bool(torch.isfinite(res.value))
+        assert float(res.plan[:, :2].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    ({"k": 0}, "k"), ({"k": 1.5}, "k"), ({"k": "2"}, "k"), ({"k": True}, "k"),
+    ({"k": 2, "gamma": 0.0}, "gamma"), ({"k": 2, "gamma": -1.0}, "gamma"), ({"k": 2, "gamma": float("nan")}, "gamma"),
+    ({"k": 2, "formulation": "primal"}, "formulation"), ({"k": 2, "method": "sgd"}, "method"),
+    ({"k": 2, "lr": 0.0}, "lr"), ({"k": 2, "max_iter": 0}, "max_iter"), ({"k": 2, "tol": -1.0}, "tol"),
+])
+def test_bad_arguments_raise_naming_them(gen, kwargs, name):
+    C, a, b = _problem(gen)
+    with pytest.raises(ValueError, match=name):
+        otcore.sparse_ot(C, a, b, **kwargs)
+
+
+def test_bad_inputs_raise(gen):
+    C, a, b = _problem(gen)
+    with pytest.raises(ValueError, match="a"):
+        otcore.sparse_ot(C, a[:-1], b, k=2)
+    with pytest.raises(ValueError, match="mass"):
+        otcore.sparse_ot(C, a, 2 * b, k=2)
+    bad = C.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        otcore.sparse_ot(bad, a, b, k=2)
