@@ -321,13 +321,22 @@ def plan_outputs(res: otcore.OTResult, spec: Spec, probe_seed: int) -> dict[str,
 
 # ----------------------------------------------------------------------------- sinkhorn
 def check_outputs(spec, p, res, probe_seed) -> None:
-    """Every output of ``res`` is finite, and ``converged`` is honest (float64 re-evaluation)."""
+    """Every output of ``res`` is finite, and ``converged`` is honest (float64 re-evaluation).
+
+    Half-precision outputs may overflow their dtype (float16 ends at 65504): +-inf is allowed
+    there only when every problem is reported not converged (the solvers flag it), never NaN.
+    """
     report(res)
     v, u = probes(spec, probe_seed)
+    may_overflow = DTYPES[spec.dtype] in HALF and not bool(res.converged.any())
+
+    def fine(t: torch.Tensor) -> bool:
+        return finite(t) or (may_overflow and not bool(t.isnan().any()))
+
     for name in ("f", "g", "value", "plan", "transport_cost", "marginal_error"):
-        assert finite(getattr(res, name)), (name, getattr(res, name))
-    assert finite(res.apply(v)), res.apply(v)
-    assert finite(res.apply(u, transpose=True)), res.apply(u, transpose=True)
+        assert fine(getattr(res, name)), (name, getattr(res, name))
+    assert fine(res.apply(v)), res.apply(v)
+    assert fine(res.apply(u, transpose=True)), res.apply(u, transpose=True)
     bad = dishonest(spec, p, res, default_tol(compute_dtype(DTYPES[spec.dtype])))
     assert not bad, bad
 
