@@ -32,7 +32,7 @@ test-all: $(VENV)/.installed
 # BENCH='-b SinkhornCloud' narrows the run (asv's -b regex).
 bench: $(VENV)/.peers
 	$(VENV)/bin/asv run --python=same --quick --show-stderr --set-commit-hash $$(git rev-parse HEAD) $(BENCH)
-	$(PY) -m benchmarks.report --device cpu --out benchmarks/RESULTS_cpu.md
+	$(PY) -m benchmarks.report --device cpu $(if $(BENCH),,--out benchmarks/RESULTS_cpu.md)  # a narrowed run keeps the full table
 
 # Cheap validation of the suite for CI: discovery and one small class without saving results.
 bench-check: $(VENV)/.asv

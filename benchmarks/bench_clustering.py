@@ -58,7 +58,7 @@ def _sync(device: torch.device) -> None:
 class Codes:
     """(4096, 3000) float32 scores, eps 0.05, 3 iterations."""
 
-    params = (list(IMPLS), ["cpu", "cuda"])
+    params = (list(IMPLS), problems.DEVICES)
     param_names: ClassVar[list[str]] = ["impl", "device"]
     timeout = 300
 

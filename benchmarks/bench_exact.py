@@ -9,7 +9,7 @@ from . import peers, problems
 
 class Emd(peers.PeerCase):
     params = (["otcore", "pot_log"], [200, 1000])
-    param_names = ["impl", "n"]
+    param_names = ("impl", "n")
 
     task = "emd"
 
@@ -24,8 +24,8 @@ class Emd(peers.PeerCase):
 
 class Divergence(peers.PeerCase):
     params = (["otcore", "otcore_scaled", "pot_log", "geomloss", "geomloss_online", "flash_sinkhorn"], [500, 2000],
-              ["cpu", "cuda"])
-    param_names = ["impl", "n", "device"]
+              problems.DEVICES)
+    param_names = ("impl", "n", "device")
     timeout = 600
 
     task = "divergence"

@@ -66,8 +66,8 @@ class _GPUIterations(peers.PeerCase):
 
 
 class SinkhornIterationGPU(_GPUIterations):
-    params = (IMPLS, SIZES, [3, 64], PRECISIONS)
-    param_names = ["impl", "n", "d", "precision"]
+    params = problems.gpu_params(IMPLS, SIZES, [3, 64], PRECISIONS)
+    param_names = ("impl", "n", "d", "precision")
 
     def track_seconds_per_iteration(self, impl, n, d, precision):
         return self._seconds() / self.peer.iterations(ITERS)
@@ -84,8 +84,8 @@ class SinkhornIterationGPU(_GPUIterations):
 class SinkhornGradientGPU(_GPUIterations):
     """ITERS iterations, then d value / d x (envelope gradient: one more fused pass)."""
 
-    params = (IMPLS[:3], SIZES, [3, 64], ["fp32", "bf16"])
-    param_names = ["impl", "n", "d", "precision"]
+    params = problems.gpu_params(IMPLS[:3], SIZES, [3, 64], ["fp32", "bf16"])
+    param_names = ("impl", "n", "d", "precision")
     grad = True
 
     def track_seconds_forward_backward(self, *params):

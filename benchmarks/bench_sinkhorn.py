@@ -26,8 +26,8 @@ def dense_inputs(n, dtype, device):
 
 class SinkhornDense(peers.PeerCase):
     params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], [500, 2000], ["float64", "float32"],
-              [1e-1, 1e-2], ["cpu", "cuda"])  # eps >= 1e-2: the kernel-domain reference stays finite
-    param_names = ["impl", "n", "dtype", "eps", "device"]
+              [1e-1, 1e-2], problems.DEVICES)  # eps >= 1e-2: the kernel-domain reference stays finite
+    param_names = ("impl", "n", "dtype", "eps", "device")
     timeout = 600
 
     task = "sinkhorn"
@@ -66,8 +66,8 @@ class SinkhornIteration(peers.PeerCase):
 
     ITERS = 5
     params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], [2000, 5000], ["float64", "float32"],
-              [1e-2, 1e-3], ["cpu", "cuda"])
-    param_names = ["impl", "n", "dtype", "eps", "device"]
+              [1e-2, 1e-3], problems.DEVICES)
+    param_names = ("impl", "n", "dtype", "eps", "device")
     timeout = 600
     number = 1
     repeat = 3
@@ -88,8 +88,8 @@ class SinkhornCloud(peers.PeerCase):
     """Point clouds (d = 3): otcore's PointCloud never builds n x m; peers may."""
 
     params = (["otcore", "pot_log_torch", "geomloss", "geomloss_online", "flash_sinkhorn"], [1000, 3000],
-              ["cpu", "cuda"])
-    param_names = ["impl", "n", "device"]
+              problems.DEVICES)
+    param_names = ("impl", "n", "device")
     timeout = 600
 
     task = "sinkhorn_cloud"

@@ -81,7 +81,7 @@ class SlicedError:
 class SlicedGPU:
     """CUDA, float32: n = 10^6 points per side in d = 3 and 64, 128 directions."""
 
-    params = (["otcore", "pot_torch"], [1_000_000], [3, 64])
+    params = problems.gpu_params(["otcore", "pot_torch"], [1_000_000], [3, 64])
     param_names: ClassVar[list[str]] = ["impl", "n", "d"]
     timeout = 600
 

@@ -46,7 +46,7 @@ class EntropicSmallEps(peers.PeerCase):
     params = (IMPLS,
               ["assignment_500", "assignment_2000", "digits_l1", "digits_l2", "1d_w1", "1d_w2", "2d_w1", "2d_w2"],
               [1e-2, 1e-3, 1 / 1200])
-    param_names = ["impl", "problem", "eps"]
+    param_names = ("impl", "problem", "eps")
     task = "sinkhorn"
     timeout = 900
     number = 1

@@ -38,6 +38,17 @@ def digits_histograms(i: int = 0, j: int = 1, p: float = 2.0):
     return torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(C)
 
 
+#: Devices the benchmarks enumerate: CUDA only where it exists (on a CPU machine every CUDA
+#: combination would start a process only to skip).
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def gpu_params(*lists: list) -> tuple[list, ...]:
+    """Parameter lists of a GPU-only benchmark: in full where CUDA exists, else one combination
+    (the first of each list), which skips in ``setup``."""
+    return lists if torch.cuda.is_available() else tuple(values[:1] for values in lists)
+
+
 def device_or_skip(name: str) -> torch.device:
     """The torch device, or NotImplementedError (an asv skip) if it is not available here."""
     if name == "cuda" and not torch.cuda.is_available():

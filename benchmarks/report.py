@@ -13,6 +13,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -51,15 +52,15 @@ def tables(data: dict, benchmarks: dict, device: str | None) -> list[str]:
             if device is not None and "device" in names and rest[names.index("device") - 1].strip("'") != device:
                 continue
             cells = {impl: values.get((f"'{impl}'", *rest)) for impl in impls}
-            if all(v is None or v != v for v in cells.values()):
+            if all(v is None or math.isnan(v) for v in cells.values()):
                 continue
             base = cells.get("otcore")
             text = []
             for impl in impls:
                 v = cells[impl]
-                if v is None or v != v:
+                if v is None or math.isnan(v):
                     text.append("-")
-                elif impl == "otcore" or base in (None, 0) or base != base or unit not in ("seconds", "bytes"):
+                elif impl == "otcore" or base in (None, 0) or math.isnan(base) or unit not in ("seconds", "bytes"):
                     text.append(fmt(v, unit))
                 else:
                     text.append(f"{fmt(v, unit)} ({v / base:.2g}x)")
