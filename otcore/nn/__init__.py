@@ -2,6 +2,7 @@
 
 from otcore.nn.clustering import OTKMeans, depict_target, sinkhorn_codes
 from otcore.nn.moe import MoE
+from otcore.nn.pooling import GSPPooling, GSPResult, gsp_pool, k_center, zsr_loss
 from otcore.nn.routing import (
     Routing,
     SinkhornRouter,
@@ -13,6 +14,8 @@ from otcore.nn.routing import (
 )
 
 __all__ = [
+    "GSPPooling",
+    "GSPResult",
     "MoE",
     "OTKMeans",
     "Routing",
@@ -20,8 +23,11 @@ __all__ = [
     "SparseOTRouter",
     "TopKRouter",
     "depict_target",
+    "gsp_pool",
+    "k_center",
     "sinkhorn_codes",
     "sinkhorn_route",
     "sparse_route",
     "topk_route",
+    "zsr_loss",
 ]
