@@ -35,7 +35,7 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
     geom, a, b = problem.geom, problem.a, problem.b
     C = geom.materialize()
     B = C.shape[0]
-    plans, fs, gs, ok = [], [], [], []
+    plans, fs, gs, costs, ok = [], [], [], [], []
     for k in range(B):
         ak = a[k].detach().cpu().double().numpy()
         bk = b[k].detach().cpu().double().numpy()
@@ -45,13 +45,16 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
         plans.append(G)
         fs.append(log["u"])
         gs.append(log["v"])
+        costs.append(log["cost"])
         ok.append(log["result_code"] == 1)
     like = {"dtype": C.dtype, "device": C.device}
-    plan = torch.as_tensor(np.stack(plans), **like)
+    plan = torch.as_tensor(plans[0][None] if B == 1 else np.stack(plans), **like)  # one problem: no copy
     f = torch.as_tensor(np.stack(fs), **like)
     g = torch.as_tensor(np.stack(gs), **like)
-    # <P*, C> with the optimal plan held fixed, plus first-order terms in the weights (duals).
-    value = (plan * C).sum((-2, -1)) + ((a - a.detach()) * f).sum(-1) + ((b - b.detach()) * g).sum(-1)
+    # <P*, C> with the optimal plan held fixed (the simplex's own sum when C needs no gradient),
+    # plus first-order terms in the weights (duals)
+    cost = (plan * C).sum((-2, -1)) if C.requires_grad else torch.as_tensor(costs, **like)
+    value = cost + ((a - a.detach()) * f).sum(-1) + ((b - b.detach()) * g).sum(-1)
     overflow = problem.output_overflow(f, g, value)
     converged = torch.tensor(ok, device=C.device) & ~overflow
     if warn:
