@@ -6,7 +6,7 @@ leading batch dimension, and outputs keep the input's dtype and device.
 
 from importlib import metadata
 
-from otcore import nn
+from otcore import neural, nn
 from otcore.core import OTResult, SinkhornProgress
 from otcore.geometry import CostMatrix, Geometry, PointCloud
 from otcore.geometry.backends import show_config
@@ -36,6 +36,7 @@ __all__ = [
     "emd",
     "energy_sliced_wasserstein",
     "max_sliced_wasserstein",
+    "neural",
     "nn",
     "show_config",
     "sinkhorn",

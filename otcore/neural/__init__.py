@@ -1,0 +1,7 @@
+"""Neural optimal transport: the Monge gap, Schrödinger bridges and their Gaussian ground truths."""
+
+from otcore.neural import gaussian
+from otcore.neural.fit_map import ResidualMLP, fit_monge_map
+from otcore.neural.monge_gap import monge_gap
+
+__all__ = ["ResidualMLP", "fit_monge_map", "gaussian", "monge_gap"]
