@@ -6,7 +6,7 @@ leading batch dimension, and outputs keep the input's dtype and device.
 
 from importlib import metadata
 
-from otcore import neural, nn
+from otcore import neural, nn, shapes
 from otcore.core import OTResult, SinkhornProgress
 from otcore.geometry import CostMatrix, Geometry, PointCloud
 from otcore.geometry.backends import show_config
@@ -38,6 +38,7 @@ __all__ = [
     "max_sliced_wasserstein",
     "neural",
     "nn",
+    "shapes",
     "show_config",
     "sinkhorn",
     "sinkhorn_divergence",

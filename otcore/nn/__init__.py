@@ -12,6 +12,7 @@ from otcore.nn.routing import (
     sparse_route,
     topk_route,
 )
+from otcore.nn.shape_matching import ShapeMatchingLoss, shape_matching_pointmap, shape_matching_terms
 
 __all__ = [
     "GSPPooling",
@@ -19,12 +20,15 @@ __all__ = [
     "MoE",
     "OTKMeans",
     "Routing",
+    "ShapeMatchingLoss",
     "SinkhornRouter",
     "SparseOTRouter",
     "TopKRouter",
     "depict_target",
     "gsp_pool",
     "k_center",
+    "shape_matching_pointmap",
+    "shape_matching_terms",
     "sinkhorn_codes",
     "sinkhorn_route",
     "sparse_route",
