@@ -4,10 +4,13 @@ The peer is top-k softmax gating (``router="topk"``, GShard/Switch style, the ro
 otherwise pick), run through the same capacity step. ``time_route`` times the routing and the
 backward of the combine weights to the logits (float32); ``track_dropped`` the fraction of
 token slots dropped on logits where every token prefers one expert (what balanced routing fixes).
+``sparse`` is the sparse-OT router with its defaults (softmax start, 10 Adam steps),
+``sparse-vmoe`` the same solver run as the V-MoE recipe (zero start, 20 steps).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -20,8 +23,8 @@ TOKENS, EXPERTS = 4096, 64
 def _route(impl: str):
     import otcore
 
-    return {"topk": otcore.nn.topk_route, "sinkhorn": otcore.nn.sinkhorn_route,
-            "sparse": otcore.nn.sparse_route}[impl]
+    return {"topk": otcore.nn.topk_route, "sinkhorn": otcore.nn.sinkhorn_route, "sparse": otcore.nn.sparse_route,
+            "sparse-vmoe": functools.partial(otcore.nn.sparse_route, init="zero", n_steps=20)}[impl]
 
 
 def _logits(device: torch.device, *, adversarial: bool = False) -> torch.Tensor:
@@ -35,7 +38,7 @@ def _logits(device: torch.device, *, adversarial: bool = False) -> torch.Tensor:
 class Routers:
     """Forward + backward of each router, top_k in {1, 2}, CPU and CUDA, float32."""
 
-    params = (["topk", "sinkhorn", "sparse"], [1, 2], problems.DEVICES)
+    params = (["topk", "sinkhorn", "sparse", "sparse-vmoe"], [1, 2], problems.DEVICES)
     param_names: ClassVar[list[str]] = ["impl", "top_k", "device"]
     timeout = 300
 
@@ -58,7 +61,7 @@ class Routers:
 class RoutersBalance:
     """Fraction of slots dropped (capacity factor 1.25) on logits where every token prefers expert 0."""
 
-    params = (["topk", "sinkhorn", "sparse"], [1, 2])
+    params = (["topk", "sinkhorn", "sparse", "sparse-vmoe"], [1, 2])
     param_names: ClassVar[list[str]] = ["impl", "top_k"]
 
     def track_dropped(self, impl, top_k):

@@ -120,6 +120,43 @@ def test_sparse_plan_rows_are_k_sparse_distributions(gen):
         assert int((P > 0).sum(-1).max()) <= top_k and bool((P >= 0).all())
 
 
+@pytest.mark.parametrize(("top_k", "gamma"), [(1, 1.0), (2, 0.5), (3, 1.0)])
+def test_sparse_router_from_zero_is_sparse_ot_with_adam(gen, top_k, gamma):
+    """init="zero" is the V-MoE recipe exactly: otcore.sparse_ot's semi-dual Adam steps from zero
+    potentials on the (experts, tokens) cost -softmax^T, masses tokens/experts and 1."""
+    T, E = 48, 6
+    L = random_logits(2 * T, E, gen, adversarial=True).reshape(2, T, E)
+    r = sparse_route(L, top_k=top_k, gamma=gamma, n_steps=7, lr=0.05, init="zero")
+    cost = -torch.softmax(L, -1).mT
+    ref = otcore.sparse_ot(cost, torch.full((2, E), T / E, dtype=F64), torch.ones(2, T, dtype=F64), k=top_k,
+                           gamma=gamma, method="adam", max_iter=7, lr=0.05, tol=0, warn=False)
+    torch.testing.assert_close(r.scores, ref.plan.mT, rtol=0, atol=1e-12)
+    index = torch.topk(ref.plan.mT, top_k, -1).indices
+    assert torch.equal(r.expert_index, torch.where(r.expert_index >= 0, index, -1))
+
+
+def test_sparse_router_softmax_init_is_the_unconstrained_optimum(gen):
+    """alpha_e = 1/E - mean_t softmax_te maximises the semi-dual when no constraint binds (k = E and
+    a positive plan): with no Adam step the plan is sparse_ot's L-BFGS optimum, balanced exactly."""
+    T, E = 40, 5
+    L = random_logits(T, E, gen, scale=0.2)
+    r = sparse_route(L, top_k=E, capacity_factor=10.0, n_steps=0)
+    ref = otcore.sparse_ot(-torch.softmax(L, -1).mT, torch.full((E,), T / E, dtype=F64), torch.ones(T, dtype=F64),
+                           k=E, gamma=1.0, tol=1e-12)
+    assert bool((r.scores > 0).all())
+    torch.testing.assert_close(r.scores, ref.plan.mT, rtol=0, atol=1e-10)
+    torch.testing.assert_close(r.scores.sum(0), torch.full((E,), T / E, dtype=F64), rtol=0, atol=1e-12)
+
+
+def test_sparse_router_softmax_init_drops_fewer_slots(gen):
+    """Every token prefers expert 0: from the softmax init the same number of steps balances better."""
+    L = random_logits(512, 16, gen, adversarial=True)
+    for top_k in (1, 2):
+        zero = float(sparse_route(L, top_k=top_k, init="zero").dropped_fraction)
+        softmax = float(sparse_route(L, top_k=top_k).dropped_fraction)
+        assert softmax < 0.5 * zero
+
+
 def test_topk_route_equals_torch_topk(gen):
     L = random_logits(40, 10, gen).reshape(2, 20, 10)  # with a group dimension
     r = topk_route(L, top_k=3, capacity_factor=10.0)  # capacity = all tokens: nothing dropped
@@ -266,6 +303,9 @@ def test_moe_under_bf16_autocast(gen):
     (lambda L: sparse_route(L, gamma=-1.0), "gamma"),
     (lambda L: sparse_route(L, n_steps=2.5), "n_steps"),
     (lambda L: sparse_route(L, lr=0), "lr"),
+    (lambda L: sparse_route(L, n_steps=-1), "n_steps"),
+    (lambda L: sparse_route(L, init="uniform"), "init"),
+    (lambda L: SparseOTRouter(4, init=None), "init"),
     (lambda L: SinkhornRouter(3)(L), "n_experts"),
     (lambda L: SparseOTRouter(0), "n_experts"),
     (lambda L: TopKRouter(4, top_k=9), "top_k"),

@@ -15,7 +15,7 @@ import torch
 from conftest import F64, clouds, simplex, sqdist
 
 import otcore
-from otcore.solvers.projections import sparse_simplex_projection
+from otcore.solvers.projections import sparse_simplex_projection, top_k, top_k_by_max
 
 GAMMA = 0.1
 
@@ -77,6 +77,56 @@ def test_sparse_projection_matches_pot_and_breaks_ties_to_the_lower_index(gen):
     assert p.tolist() == [0.0, 0.5, 0.0, 0.5, 0.0]
     p, _ = sparse_simplex_projection(torch.tensor([3.0, -1.0], dtype=F64), 1, 0.0)
     assert p.tolist() == [0.0, 0.0]
+
+
+def _stable_top_k(v: torch.Tensor, k: int, dim: int = -1):
+    """Reference tie rule: the first k of a stable descending sort (lower index first among equals)."""
+    values, index = torch.sort(v, dim=dim, descending=True, stable=True)
+    return values.narrow(dim, 0, min(k, v.shape[dim])), index.narrow(dim, 0, min(k, v.shape[dim]))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_top_k_fast_path_on_tie_free_rows_equals_the_tie_rule(gen, dtype):
+    """Without ties every row's top k is unique: the single-topk path returns exactly the stable sort's."""
+    v = torch.randn(3, 40, 25, generator=gen, dtype=F64).to(dtype)
+    for k in (1, 4, 24, 25, 30):
+        values, index = top_k(v, k)
+        ref_values, ref_index = _stable_top_k(v, k)
+        assert torch.equal(values, ref_values) and torch.equal(index, ref_index)
+
+
+def test_top_k_with_ties_keeps_the_lower_indices_deterministically(gen):
+    """Integer-valued rows are full of ties (the exact tie path): the kept set is the stable sort's,
+    the same whatever the batch it comes in, call after call."""
+    v = torch.randint(0, 4, (50, 12), generator=gen).to(F64)
+    for k in (1, 2, 5, 11):
+        values, index = top_k(v, k)
+        ref_values, ref_index = _stable_top_k(v, k)
+        assert torch.equal(values, ref_values)
+        assert torch.equal(index.sort(-1).values, ref_index.sort(-1).values)
+        again = top_k(v, k)
+        assert torch.equal(again.values, values) and torch.equal(again.indices, index)
+        for i in (0, 17, 49):  # one row alone (it may take the fast path) keeps the same set
+            assert torch.equal(top_k(v[i], k)[1].sort().values, index[i].sort().values)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_top_k_by_max_is_the_stable_sort_order(gen, dim):
+    """k passes of a maximum give the stable sort's first k, in its order, ties included."""
+    for v in (torch.randn(9, 7, 5, generator=gen, dtype=F64), torch.randint(0, 3, (9, 7, 5), generator=gen).float()):
+        for k in range(1, v.shape[dim] + 1):
+            values, index = top_k_by_max(v, k, dim=dim)
+            ref_values, ref_index = _stable_top_k(v, k, dim)
+            assert torch.equal(values, ref_values) and torch.equal(index, ref_index)
+            work = v.clone()  # with a scratch buffer: v is masked in place, the result is the same
+            scratch = torch.empty_like(v, dtype=torch.promote_types(v.dtype, torch.float32))
+            values_s, index_s = top_k_by_max(work, k, dim=dim, scratch=scratch)
+            assert torch.equal(values_s, ref_values) and torch.equal(index_s, ref_index)
+            assert int(torch.isinf(work).sum()) == v.numel() // v.shape[dim] * (k - 1)
+    v = torch.randn(6, 5, generator=gen, dtype=F64, requires_grad=True)  # values keep the graph
+    values, index = top_k_by_max(v, 2)
+    (grad,) = torch.autograd.grad(values.sum(), v)
+    assert torch.equal(grad, torch.zeros_like(v).scatter(-1, index, 1.0))
 
 
 # ----------------------------------------------------------------------------- against POT

@@ -9,13 +9,14 @@ ranks the experts by:
   standard deviation of the group's logits) with rows summing to 1/tokens and columns to
   1/experts, by ``n_iter`` log-domain Sinkhorn iterations (BASE layers / S-BASE): experts every
   token prefers get fewer tokens than they would with softmax gating;
-* ``sparse_route``: the sparsity-constrained OT plan (``otcore.sparse_ot``, semi-dual, Adam for a
-  fixed number of steps: the V-MoE recipe) of cost ``-softmax(logits)`` with **tokens choosing**
-  at most ``top_k`` experts: each token is a column of mass 1 with at most ``top_k`` nonzeros,
-  each expert a row of mass tokens/experts. Tokens-choose (rather than experts-choose with
-  ``k = capacity``) because the semi-dual meets the column marginals exactly: every token gets
-  an expert, at most ``top_k``, and the capacity step below is the only source of drops, as for
-  the other routers.
+* ``sparse_route``: the sparsity-constrained OT plan (the semi-dual of ``otcore.sparse_ot``, Adam
+  for a fixed number of steps: the V-MoE recipe) of cost ``-softmax(logits)`` with **tokens
+  choosing** at most ``top_k`` experts: each token is a column of mass 1 with at most ``top_k``
+  nonzeros, each expert a row of mass tokens/experts. Tokens-choose (rather than experts-choose
+  with ``k = capacity``) because the semi-dual meets the column marginals exactly: every token
+  gets an expert, at most ``top_k``, and the capacity step below is the only source of drops, as
+  for the other routers. The expert potentials start from the optimum of the problem without
+  the sparsity and sign constraints (closed form, below), not from zero.
 
 Then, shared by all: each token takes its ``top_k`` best experts by that score; an expert keeps
 at most ``capacity = ceil(capacity_factor * tokens * top_k / experts)`` (at most ``tokens``)
@@ -42,7 +43,10 @@ from dataclasses import dataclass
 import torch
 
 from otcore._validation import _real, check_max_iter, check_positive
-from otcore.solvers.sparse import sparse_ot
+from otcore.solvers.projections import simplex_projection_sorted, top_k_by_max
+from otcore.solvers.sparse import adam_ascent
+
+SPARSE_INITS = ("softmax", "zero")
 
 
 @dataclass(frozen=True)
@@ -164,40 +168,87 @@ def sinkhorn_route(
 
 def sparse_route(
     logits: torch.Tensor, *, top_k: int = 1, capacity_factor: float = 1.25, gamma: float = 1.0,
-    n_steps: int = 20, lr: float = 1e-2,
+    n_steps: int = 10, lr: float = 1e-2, init: str = "softmax",
 ) -> Routing:
     """Sparsity-constrained OT routing (V-MoE recipe, tokens choose at most ``top_k`` experts).
 
-    Solves ``otcore.sparse_ot`` on the (experts, tokens) cost ``-softmax(logits)^T`` with expert
-    masses tokens/experts, token masses 1 and ``k = top_k`` nonzeros per token (semi-dual, ``n_steps``
-    Adam steps of size ``lr`` from zero, no host synchronisation), then ranks each token's experts
-    by its column of the plan; experts with zero plan mass are not chosen (index -1).
+    Maximises the semi-dual of ``otcore.sparse_ot`` on the (experts, tokens) cost
+    ``-softmax(logits)^T`` with expert masses tokens/experts, token masses 1 and ``k = top_k``
+    nonzeros per token (gamma-weighted quadratic term) by ``n_steps`` Adam steps of size ``lr``,
+    then ranks each token's experts by its column of the plan; experts with zero plan mass are
+    not chosen (index -1). With ``init="zero", n_steps=20`` this is ``sparse_ot(...,
+    method="adam")``, the V-MoE recipe (20 steps, lr 1e-2, gamma 1). The default starts instead
+    from ``alpha_e = 1/experts - mean_t softmax(logits)_te`` (``init="softmax"``), the maximiser
+    of the semi-dual without the sparsity and sign constraints (the token rows of the plan are
+    then ``softmax + alpha - mean(alpha)``, which gives every expert tokens/experts): exact when
+    that plan is nonnegative and top_k = experts, a far better start otherwise, and takes 10
+    steps. Measured on 4096 tokens x 64 experts, capacity factor 1.25, 3 seeds: where every token
+    prefers expert 0 (logit +4), 14 % of the top-1 slots dropped (7 % of top-2) against 35 %
+    (18 %) for the V-MoE recipe; 20 steps from the softmax start drop 3 % (1 %). On random
+    logits at most 0.2 % are dropped (the recipe: none). Forward + backward at that size, one
+    CPU thread: 2 to 3 times top-k softmax gating (the V-MoE recipe: about 4 times, with the
+    same solver).
+
+    Each step's top-k over experts is ``top_k`` passes of a maximum (``top_k_by_max``) and the
+    plan stays on its (tokens, top_k) support: no sort, no dense plan until the end, no host
+    synchronisation.
 
     Args:
         logits: (tokens, experts) or (..., tokens, experts) floating tensor.
         top_k: most experts per token (1 <= top_k <= experts).
         capacity_factor: slots per expert = ceil(capacity_factor * tokens * top_k / experts).
         gamma: weight of the quadratic term (> 0), in softmax-probability units.
-        n_steps: Adam steps (>= 1).
+        n_steps: Adam steps (>= 0; 0 gives the plan of the initial potentials).
         lr: Adam step size (> 0).
+        init: ``"softmax"`` or ``"zero"`` initial expert potentials.
 
     Returns:
         ``Routing``; its ``scores`` is the sparse plan (tokens, experts), rows summing to 1.
     """
     top_k, capacity_factor = _check_options(logits, top_k, capacity_factor)
     gamma = check_positive("gamma", gamma)
-    n_steps = check_max_iter("n_steps", n_steps)
+    n_steps = check_max_iter("n_steps", n_steps, minimum=0)
     lr = check_positive("lr", lr)
+    init = _check_init(init)
     probs = _softmax(logits)
     T, E = logits.shape[-2:]
     with torch.no_grad():
-        cost = -probs.detach().reshape(-1, T, E).mT  # (groups, experts, tokens)
-        ones = torch.ones(T, dtype=cost.dtype, device=cost.device)
-        res = sparse_ot(cost, torch.full((E,), T / E, dtype=cost.dtype, device=cost.device), ones,
-                        k=top_k, gamma=gamma, method="adam", max_iter=n_steps, lr=lr, tol=0, warn=False,
-                        validate=False)
-        plan = res.plan.mT.reshape(probs.shape)
-    return _dispatch(logits, plan, probs, top_k=top_k, capacity_factor=capacity_factor, skip_zero=True)
+        plan, weights, index = sparse_plan(probs.detach().reshape(-1, T, E), top_k=top_k, gamma=gamma,
+                                           n_steps=n_steps, lr=lr, init=init)
+        shape = probs.shape[:-1] + (top_k,)
+    return _dispatch(logits, plan.view(probs.shape), probs, top_k=top_k, capacity_factor=capacity_factor,
+                     choice=(weights.view(shape), index.view(shape)))
+
+
+def sparse_plan(
+    probs: torch.Tensor, *, top_k: int, gamma: float, n_steps: int, lr: float, init: str = "softmax",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tokens-choose sparse plan of ``sparse_route`` for softmax probabilities (groups, tokens,
+    experts), no input checks: the plan (groups, tokens, experts), and its support: weights
+    (groups, tokens, top_k), non-increasing along the last axis and summing to 1, and the experts
+    they go to (int64; lower index first among equal scores).
+
+    With ``u = (alpha + probs_t) / gamma`` on token t's experts, its row of the plan is the
+    projection of ``u`` onto the simplex restricted to its ``top_k`` largest entries, and the
+    semi-dual's gradient in alpha is ``tokens/experts - (plan column sums)``. Two (groups,
+    tokens, experts) buffers serve every step.
+    """
+    G, T, E = probs.shape
+    scaled = probs if gamma == 1 else probs / gamma
+    u, scratch = torch.empty_like(scaled), torch.empty_like(scaled)
+
+    def support(alpha):
+        torch.add(scaled, (alpha if gamma == 1 else alpha / gamma).unsqueeze(-2), out=u)
+        values, index = top_k_by_max(u, top_k, scratch=scratch)  # (G, T, k) each
+        return simplex_projection_sorted(values)[0], index
+
+    def gradient(alpha):
+        weights, index = support(alpha)
+        return T / E - alpha.new_zeros(G, E).scatter_add_(-1, index.flatten(-2), weights.flatten(-2))
+
+    alpha = 1 / E - probs.mean(-2) if init == "softmax" else probs.new_zeros(G, E)
+    weights, index = support(adam_ascent(gradient, alpha, steps=n_steps, lr=lr))
+    return u.zero_().scatter_(-1, index, weights), weights, index
 
 
 def balanced_plan(logits: torch.Tensor, *, eps: float, n_iter: int) -> torch.Tensor:
@@ -213,9 +264,11 @@ def balanced_plan(logits: torch.Tensor, *, eps: float, n_iter: int) -> torch.Ten
     then the column potential moves by at most 87 temperatures per iteration, staying finite.
     """
     L = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    spread, mean = torch.std_mean(L, dim=(-2, -1), correction=0, keepdim=True)
-    L = (L - mean).div_((eps * spread).clamp_(min=torch.finfo(L.dtype).tiny))
     T, E = L.shape[-2:]
+    L = L - L.mean(dim=(-2, -1), keepdim=True)
+    # the (population) standard deviation of the centred logits: a norm is 5x faster than std_mean
+    spread = torch.linalg.vector_norm(L, dim=(-2, -1), keepdim=True) / math.sqrt(T * E)
+    L = L.div_((eps * spread).clamp_(min=torch.finfo(L.dtype).tiny))
     tiny = torch.finfo(L.dtype).tiny
     floor = math.log(tiny)
     g = L.new_zeros(L.shape[:-2] + (1, E))
@@ -286,33 +339,39 @@ class SparseOTRouter(_Router):
     """Module twin of ``sparse_route``: ``forward(logits (..., tokens, n_experts)) -> Routing``."""
 
     def __init__(self, n_experts: int, *, top_k: int = 1, capacity_factor: float = 1.25, gamma: float = 1.0,
-                 n_steps: int = 20, lr: float = 1e-2) -> None:
+                 n_steps: int = 10, lr: float = 1e-2, init: str = "softmax") -> None:
         super().__init__(n_experts, top_k=top_k, capacity_factor=capacity_factor)
         self.gamma = check_positive("gamma", gamma)
-        self.n_steps = check_max_iter("n_steps", n_steps)
+        self.n_steps = check_max_iter("n_steps", n_steps, minimum=0)
         self.lr = check_positive("lr", lr)
+        self.init = _check_init(init)
 
     def forward(self, logits: torch.Tensor) -> Routing:
         self._check(logits)
         return sparse_route(logits, top_k=self.top_k, capacity_factor=self.capacity_factor, gamma=self.gamma,
-                            n_steps=self.n_steps, lr=self.lr)
+                            n_steps=self.n_steps, lr=self.lr, init=self.init)
 
 
 # ------------------------------------------------------------------------------ shared steps
 def _dispatch(
     logits: torch.Tensor, scores: torch.Tensor, probs: torch.Tensor, *, top_k: int, capacity_factor: float,
-    skip_zero: bool = False,
+    choice: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Routing:
     """Top-k experts per token by ``scores``, then the capacity step (module docstring).
 
-    ``scores`` and ``probs`` (..., T, E); ``skip_zero``: experts with zero score are not chosen.
+    ``scores`` and ``probs`` (..., T, E). ``choice``: the (..., T, K) top scores (descending) and
+    their experts when the router has them already; experts of zero score are then not chosen.
     A slot's position in its expert's buffer is its rank among the slots sent to that expert,
     in (choice, token) order: one stable sort of the (group, expert) keys, O(T k log(T k)).
     """
     T, E = logits.shape[-2:]
     capacity = capacity_of(T, E, top_k=top_k, capacity_factor=capacity_factor)
-    top, index = torch.topk(scores.detach(), top_k, dim=-1)  # (..., T, K)
-    chosen = top > 0 if skip_zero else torch.ones_like(index, dtype=torch.bool)
+    if choice is None:
+        top, index = torch.topk(scores.detach(), top_k, dim=-1)  # (..., T, K)
+        chosen = torch.ones_like(index, dtype=torch.bool)
+    else:
+        top, index = choice
+        chosen = top > 0
     # key = (group, expert) bucket of each slot, choice-major; unchosen slots go to a spare bucket E
     buckets = torch.where(chosen, index, E).transpose(-2, -1).reshape(-1, top_k * T)  # (G, K*T)
     groups = torch.arange(buckets.shape[0], device=index.device).unsqueeze(-1)
@@ -354,6 +413,12 @@ def _check_top_k(top_k, n_experts: int) -> int:
     if not ok:
         raise ValueError(f"top_k must be an integer in [1, n_experts = {n_experts}], got {top_k!r}")
     return int(top_k)
+
+
+def _check_init(init) -> str:
+    if init not in SPARSE_INITS:
+        raise ValueError(f"init must be one of {SPARSE_INITS}, got {init!r}")
+    return init
 
 
 def _check_options(logits, top_k, capacity_factor) -> tuple[int, float]:

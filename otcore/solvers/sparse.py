@@ -41,7 +41,7 @@ from otcore.core.plan import DensePlan
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.core.result import OTResult
 from otcore.solvers.entropic.dual import default_tol
-from otcore.solvers.projections import sparse_simplex_projection, top_k_relu
+from otcore.solvers.projections import simplex_projection_sorted, top_k
 
 FORMULATIONS = ("semi-dual", "dual")
 METHODS = ("lbfgs", "adam")
@@ -55,8 +55,9 @@ _LINE_SEARCH = 30  # ... each with at most this many halvings
 _FLAT = 1e-14  # objective changes below this (relative) are rounding
 _FTOL = 1e-9  # L-BFGS-B: stop when the objective decreases by less than this, relatively (POT's stopThr)
 
-# (x, C, a, b) -> objective (B,), its gradient in x (B, N), plan (B, n, m), f (B, n), g (B, m)
-Objective = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+# (x, C^T / gamma, a, b) -> objective (B,), its gradient in x (B, N), plan (B, n, m), f (B, n), g (B, m)
+# (plan and, for the semi-dual, g are None with plan=False)
+Objective = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]]
 
 
 def sparse_ot(
@@ -145,24 +146,26 @@ def sparse_ot(
     a, b = problem.a, problem.b
     tol = check_tol(default_tol(C.dtype) if tol is None else tol)
     objective = _semi_dual if formulation == "semi-dual" else _dual
-    fn = lambda x, cost: objective(x, cost, a, b, gamma=gamma, k=k)
+    scaled = _scaled_cost(C, gamma)
     B, n, m = C.shape
     x0 = torch.zeros(B, n if formulation == "semi-dual" else n + m, dtype=C.dtype, device=C.device)
 
     if method == "lbfgs":
-        C64, a64, b64 = (t.detach().double() for t in (C, a, b))
-        x, n_iter, stopped = _lbfgs(
-            lambda x, i: objective(x, C64[i:i + 1], a64[i:i + 1], b64[i:i + 1], gamma=gamma, k=k)[:2],
-            x0, max_iter=max_iter, tol=tol)
+        a64, b64 = a.detach().double(), b.detach().double()
+        scaled64 = _scaled_cost(C.detach().double(), gamma)
+        one = [(scaled64[i:i + 1], a64[i:i + 1], b64[i:i + 1]) for i in range(B)]
+        x, n_iter, stopped = _lbfgs(lambda x, i: objective(x, *one[i], gamma=gamma, k=k, plan=False)[:2],
+                                    x0, max_iter=max_iter, tol=tol)
         if k >= n:  # smooth: polish to tol; k < n: a stationary objective is the stopping test
-            x = _newton_polish(objective, x, C64, a64, b64, gamma=gamma, k=k, tol=tol)
+            x = _newton_polish(objective, x, scaled64, a64, b64, gamma=gamma, k=k, tol=tol)
         stopped = stopped & (k < n)
         x = _ImplicitPotentials.apply(x.to(C.dtype), C, a, b, gamma, k, formulation)
     else:
-        x = _adam(lambda x: fn(x, C)[1], x0, steps=max_iter, lr=lr)
+        x = adam_ascent(lambda x: objective(x, scaled, a, b, gamma=gamma, k=k, plan=False)[1], x0,
+                        steps=max_iter, lr=lr)
         n_iter = torch.full((B,), max_iter, dtype=torch.int64, device=C.device)
         stopped = torch.zeros(B, dtype=torch.bool, device=C.device)
-    objective_value, _, plan, f, g = fn(x, C)
+    objective_value, _, plan, f, g = objective(x, scaled, a, b, gamma=gamma, k=k)
     value = (objective_value.detach() + (plan.detach() * (C - C.detach())).sum((-2, -1))
              + (f.detach() * (a - a.detach())).sum(-1) + (g.detach() * (b - b.detach())).sum(-1))
 
@@ -193,25 +196,44 @@ def _check_k(k) -> int:
 
 
 # ------------------------------------------------------------------------------ objectives
-def _semi_dual(alpha, C, a, b, *, gamma: float, k: int):
-    """Semi-dual S(alpha) (B,), its gradient a - T1 (B, n), the plan T (B, n, m), f, g.
+def _scaled_cost(C: torch.Tensor, gamma: float) -> torch.Tensor:
+    """C^T / gamma (B, m, n), contiguous: every column of the plan is then a contiguous row."""
+    return (C.mT / gamma).contiguous()
+
+
+def _support_sums(t: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Row sums T1 (B, n) of the plan whose column j holds t[:, j] (B, m, k) at rows index[:, j]."""
+    return t.new_zeros(t.shape[0], n).scatter_add(-1, index.flatten(-2), t.flatten(-2))
+
+
+def _semi_dual(alpha, scaled, a, b, *, gamma: float, k: int, plan: bool = True):
+    """Semi-dual S(alpha) (B,), its gradient a - T1 (B, n), the plan T (B, n, m), f, g (T and g
+    None unless ``plan``); ``scaled`` is C^T / gamma (B, m, n).
 
     Column j of T is the projection of (alpha - c_j)/gamma onto {t >= 0, sum t = b_j, |t|_0 <= k}.
+    Everything but the plan is computed on the (B, m, k) support: on it X_ij = gamma u and the
+    column's term <X_j, t_j> - (gamma/2)|t_j|^2 is gamma sum t (u - t/2).
     """
-    X = alpha.unsqueeze(-1) - C
-    t, theta = sparse_simplex_projection(X.mT / gamma, k, b)
-    T = t.mT
-    value = (a * alpha).sum(-1) - (X * T).sum((-2, -1)) + 0.5 * gamma * (T * T).sum((-2, -1))
-    return value, a - T.sum(-1), T, alpha, -gamma * theta
+    values, index = top_k((alpha / gamma).unsqueeze(-2) - scaled, k)  # (B, m, k) each
+    t, theta = simplex_projection_sorted(values, b)
+    value = (a * alpha).sum(-1) - gamma * (t * (values - 0.5 * t)).sum((-2, -1))
+    grad = a - _support_sums(t, index, alpha.shape[-1])
+    if not plan:
+        return value, grad, None, alpha, None
+    return value, grad, t.new_zeros(scaled.shape).scatter(-1, index, t).mT, alpha, -gamma * theta
 
 
-def _dual(x, C, a, b, *, gamma: float, k: int):
-    """Dual D(alpha, beta) (B,), its gradient [a - T1, b - T^T 1] (B, n + m), the plan, alpha, beta."""
-    n = C.shape[-2]
+def _dual(x, scaled, a, b, *, gamma: float, k: int, plan: bool = True):
+    """Dual D(alpha, beta) (B,), its gradient [a - T1, b - T^T 1] (B, n + m), the plan (None unless
+    ``plan``), alpha, beta; ``scaled`` is C^T / gamma (B, m, n). T = [X]_+ / gamma on the top k of
+    each column of X = alpha + beta - C."""
+    n = scaled.shape[-1]
     alpha, beta = x[:, :n], x[:, n:]
-    T = top_k_relu((alpha.unsqueeze(-1) + beta.unsqueeze(-2) - C).mT, k).mT / gamma
-    value = (a * alpha).sum(-1) + (b * beta).sum(-1) - 0.5 * gamma * (T * T).sum((-2, -1))
-    grad = torch.cat([a - T.sum(-1), b - T.sum(-2)], -1)
+    values, index = top_k((alpha / gamma).unsqueeze(-2) + (beta / gamma).unsqueeze(-1) - scaled, k)
+    t = values.clamp(min=0)  # (B, m, k): the plan's entries on the support
+    value = (a * alpha).sum(-1) + (b * beta).sum(-1) - 0.5 * gamma * (t * t).sum((-2, -1))
+    grad = torch.cat([a - _support_sums(t, index, n), b - t.sum(-1)], -1)
+    T = t.new_zeros(scaled.shape).scatter(-1, index, t).mT if plan else None
     return value, grad, T, alpha, beta
 
 
@@ -231,9 +253,8 @@ def _lbfgs(fn, x0: torch.Tensor, *, max_iter: int, tol: float):
     xs, n_iter, stopped = [], [], []
     for i in range(B):
         def negated(z, i=i):
-            x = torch.as_tensor(z, dtype=torch.float64, device=x0.device).unsqueeze(0)
             with torch.no_grad():
-                value, grad = fn(x, i)
+                value, grad = fn(torch.as_tensor(z, device=x0.device).unsqueeze(0), i)
             return -float(value), -grad[0].cpu().numpy()
 
         z, nit, best, stationary = x0[i].detach().double().cpu().numpy(), 0, math.inf, False
@@ -254,19 +275,20 @@ def _lbfgs(fn, x0: torch.Tensor, *, max_iter: int, tol: float):
             torch.tensor(stopped, device=device))
 
 
-def _adam(grad_fn, x0: torch.Tensor, *, steps: int, lr: float) -> torch.Tensor:
-    """``steps`` Adam ascent steps on the objective whose gradient is ``grad_fn(x)`` (B, N).
+def adam_ascent(grad_fn, x0: torch.Tensor, *, steps: int, lr: float) -> torch.Tensor:
+    """``steps`` Adam ascent steps from ``x0`` on the objective whose gradient is ``grad_fn(x)``.
 
-    Differentiable by unrolling (when autograd is on); no host synchronisation.
+    Betas (0.9, 0.999); epsilon 1e-8 inside the square root (``sqrt(v_hat + eps^2)``), so the
+    unrolled graph stays finite where a gradient entry vanishes. Differentiable by unrolling
+    (when autograd is on); no host synchronisation; seven elementwise operations a step.
     """
     beta1, beta2 = _ADAM_BETAS
     x, m, v = x0, torch.zeros_like(x0), torch.zeros_like(x0)
     for step in range(1, steps + 1):
         grad = grad_fn(x)
-        m = beta1 * m + (1 - beta1) * grad
-        v = beta2 * v + (1 - beta2) * grad * grad
-        m_hat, v_hat = m / (1 - beta1**step), v / (1 - beta2**step)
-        x = x + lr * m_hat / (v_hat + _ADAM_EPS**2).sqrt()
+        m = torch.lerp(m, grad, 1 - beta1)
+        v = torch.addcmul(beta2 * v, grad, grad, value=1 - beta2)
+        x = torch.addcdiv(x, m, (v / (1 - beta2**step) + _ADAM_EPS**2).sqrt(), value=lr / (1 - beta1**step))
     return x
 
 
@@ -326,7 +348,7 @@ def _solve(matvec, project, rhs: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _newton_polish(objective: Objective, x, C, a, b, *, gamma: float, k: int, tol: float) -> torch.Tensor:
+def _newton_polish(objective: Objective, x, scaled, a, b, *, gamma: float, k: int, tol: float) -> torch.Tensor:
     """Up to ``_NEWTON_STEPS`` semismooth Newton steps on the problems whose marginal error
     exceeds ``tol``: x <- x + t d with (H + delta I) d = grad (H on the current support; delta,
     1e-8 of H's largest diagonal, keeps disconnected supports solvable), t halved until the
@@ -336,7 +358,7 @@ def _newton_polish(objective: Objective, x, C, a, b, *, gamma: float, k: int, to
     semi = objective is _semi_dual
     active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(_NEWTON_STEPS):
-        value, grad, plan = objective(x, C, a, b, gamma=gamma, k=k)[:3]
+        value, grad, plan = objective(x, scaled, a, b, gamma=gamma, k=k)[:3]
         error = _marginal_error(plan, a, b)
         active = active & (error > tol)
         if not bool(active.any()):
@@ -348,7 +370,7 @@ def _newton_polish(objective: Objective, x, C, a, b, *, gamma: float, k: int, to
         for j in range(_LINE_SEARCH):
             t = 0.5**j
             trial = x + t * step
-            value_t, _, plan_t = objective(trial, C, a, b, gamma=gamma, k=k)[:3]
+            value_t, _, plan_t = objective(trial, scaled, a, b, gamma=gamma, k=k)[:3]
             flat = value_t >= value - _FLAT * value.abs().clamp(min=1)  # equal to machine precision
             better = pending & ((value_t > value + 1e-4 * t * slope) | flat & (_marginal_error(plan_t, a, b) < error))
             x = torch.where(better.unsqueeze(-1), trial, x)
@@ -380,7 +402,7 @@ class _ImplicitPotentials(torch.autograd.Function):
         x, C, a, b, gamma, k, formulation = inputs
         with torch.no_grad():
             objective = _semi_dual if formulation == "semi-dual" else _dual
-            plan = objective(x, C, a, b, gamma=gamma, k=k)[2]
+            plan = objective(x, _scaled_cost(C, gamma), a, b, gamma=gamma, k=k)[2]
         ctx.save_for_backward((plan > 0).to(x.dtype))
         ctx.gamma, ctx.semi = gamma, formulation == "semi-dual"
 
