@@ -13,7 +13,7 @@ import torch
 from conftest import sqdist
 
 import otcore
-from otcore.neural import fit_monge_map, gaussian, monge_gap
+from otcore.neural import fit_map, fit_monge_map, gaussian, monge_gap
 
 F64 = torch.float64
 
@@ -288,6 +288,65 @@ def test_fit_monge_map_samplers_seed_and_callback():
     assert [s for s, _ in losses] == list(range(5)) * 2 and all(math.isfinite(v) for _, v in losses)
 
 
+def small_problem(seed: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(400, 2, generator=gen)
+    return x, x @ torch.tensor([[1.2, 0.3], [0.0, 0.6]]) + 1.0
+
+
+def test_fit_monge_map_validation_restores_the_best_parameters(one_thread):
+    """valid_callback runs every valid_every steps and after the last; with restore_best the
+    returned parameters are those held at the evaluation with the lowest validation loss."""
+    x, y = small_problem()
+    model = fit_map.ResidualMLP(2, hidden=(16,))
+    snapshots, reports = {}, []
+
+    def keep(step, loss):
+        snapshots[step] = [p.detach().clone() for p in model.parameters()]
+
+    fit_monge_map(x, y, model=model, n_steps=12, batch_size=32, lr=0.3, seed=0, validation=(x[:100], y[:100]),
+                  valid_every=5, valid_callback=lambda step, value: reports.append((step, value)), callback=keep)
+    assert [s for s, _ in reports] == [4, 9, 11]
+    best_step = min(reports, key=lambda r: r[1])[0]
+    for p, q in zip(model.parameters(), snapshots[best_step], strict=True):
+        assert torch.equal(p, q)
+
+
+def test_fit_monge_map_schedules(one_thread):
+    """lr_schedule factor 0: the parameters never move; a lam schedule returning 0 is lam = 0."""
+    x, y = small_problem()
+    frozen = fit_monge_map(x, y, n_steps=3, batch_size=32, seed=0, lr_schedule=lambda step: 0.0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        untouched = fit_map.ResidualMLP(2)
+    for p, q in zip(frozen.parameters(), untouched.parameters(), strict=True):
+        assert torch.equal(p, q)
+    zero = fit_monge_map(x, y, n_steps=3, batch_size=32, seed=0, lam=0.0, lr_schedule="constant")
+    scheduled = fit_monge_map(x, y, n_steps=3, batch_size=32, seed=0, lam=lambda step: 0.0, lr_schedule="constant")
+    for p, q in zip(zero.parameters(), scheduled.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_fit_monge_map_checkpoint_resume(tmp_path, one_thread):
+    """Interrupted after its checkpoint at step 5 and resumed, a run ends with the parameters of
+    the uninterrupted one; the file loads as a state_dict checkpoint."""
+    x, y = small_problem()
+    options = {"n_steps": 8, "batch_size": 32, "seed": 1, "validation": (x[:64], y[:64]), "valid_every": 3}
+    full = fit_monge_map(x, y, **options)
+    path = tmp_path / "ckpt" / "map.pt"
+
+    def stop_at(step, loss):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_monge_map(x, y, **options, callback=stop_at, checkpoint=path, checkpoint_every=5)
+    assert torch.load(path, weights_only=True)["step"] == 5
+    resumed = fit_monge_map(x, y, **options, checkpoint=path, checkpoint_every=5, resume=True)
+    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
@@ -315,6 +374,13 @@ def test_bad_inputs_name_the_argument(gen):
         (lambda: fit_monge_map(x, torch.randn(8, 3)), "dimension"),
         (lambda: fit_monge_map(x, lambda k: torch.randn(k + 1, 2), n_steps=1), "sampler"),
         (lambda: fit_monge_map(x, x, model="mlp"), "model"),
+        (lambda: fit_monge_map(x, x, lam=lambda step: -1.0, n_steps=1), "lam"),
+        (lambda: fit_monge_map(x, x, lr_schedule="linear"), "lr_schedule"),
+        (lambda: fit_monge_map(x, x, validation=x), "validation"),
+        (lambda: fit_monge_map(x, x, validation=(x, x[:, :1])), "validation"),
+        (lambda: fit_monge_map(x, x, valid_every=0), "valid_every"),
+        (lambda: fit_monge_map(x, x, checkpoint=1.5), "checkpoint"),
+        (lambda: fit_monge_map(x, x, checkpoint_every=0), "checkpoint_every"),
     ]
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
