@@ -152,6 +152,25 @@ def test_semi_dual_objective_at_least_pots(gen, k):
                                atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_semi_dual_objective_at_least_pots_where_k_binds(gen, dtype):
+    # the asv problem, smaller: k = 4 of 100 rows, gamma a tenth of the mean cost. POT's L-BFGS-B
+    # stops on its relative decrease (1e-9) short of the maximum, at a kink; otcore must not
+    for _ in range(3):
+        x, y = clouds(100, 100, 2, gen, shift=1.0)
+        C = sqdist(x, y * 0.9).to(dtype)
+        a, b = simplex(100, gen).to(dtype), simplex(100, gen).to(dtype)
+        gamma = 0.1 * float(C.mean())
+        A, B, M = a.double().numpy(), b.double().numpy(), C.double().numpy()  # the problem otcore sees
+        regul = ot.smooth.SparsityConstrained(max_nz=4, gamma=gamma)
+        _, log = _quiet(ot.smooth.smooth_ot_semi_dual, A, B, M, gamma, log=True, **_pot_kwargs(4, 100))
+        pot_value = _quiet(ot.smooth.semi_dual_obj_grad, log["alpha"], A, B, M, regul)[0]
+        res = otcore.sparse_ot(C, a, b, k=4, gamma=gamma, warn=False)
+        assert res.f.dtype == dtype
+        ours = _quiet(ot.smooth.semi_dual_obj_grad, res.f.double().numpy(), A, B, M, regul)[0]
+        assert ours >= pot_value - 1e-12 * abs(pot_value)
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_dual_plan_and_objective_against_pot(gen, k):
     C, a, b = _problem(gen)

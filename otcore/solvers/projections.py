@@ -16,6 +16,7 @@ differentiable almost everywhere by autograd (the selection is held fixed).
 References:
     Kyrillidis, Becker, Cevher, Koch, "Sparse projections onto the simplex", ICML 2013.
     Duchi, Shalev-Shwartz, Singer, Chandra, "Efficient projections onto the l1-ball", ICML 2008.
+    Condat, "Fast projection onto the simplex and the l1 ball", Math. Programming 2016.
     Liu, Puigcerver, Blondel, "Sparsity-constrained optimal transport", ICLR 2023.
 """
 
@@ -109,11 +110,10 @@ def simplex_projection_sorted(
     if values.shape[-1] == 1:  # one entry: all the mass
         p = mass.expand(values.shape) if torch.is_tensor(mass) else torch.full_like(values, mass)
         return p, (values - mass).squeeze(-1)
-    excess = values.cumsum(-1) - mass
     ranks = torch.arange(1, values.shape[-1] + 1, dtype=values.dtype, device=values.device)
-    # the support is a prefix of the sorted values: rho = #{i : u_i > (sum_{l<=i} u_l - mass) / i}
-    rho = (values * ranks > excess).sum(-1, keepdim=True).clamp(min=1)
-    theta = excess.gather(-1, rho - 1) / rho.to(values.dtype)
+    # the support is a prefix of the sorted values, and theta the largest of the thresholds
+    # (sum_{l<=i} u_l - mass) / i of the prefixes (Condat 2016, Sec. 2)
+    theta = ((values.cumsum(-1) - mass) / ranks).amax(-1, keepdim=True)
     return (values - theta).clamp(min=0), theta.squeeze(-1)
 
 
