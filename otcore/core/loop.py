@@ -9,12 +9,16 @@ new state is not finite, and counts iterations per problem.
 
 Host synchronisation happens only at checks (every ``check_every`` iterations), and only to
 decide whether to stop: with ``tol=0`` the loop runs exactly ``max_iter`` iterations and reads
-nothing on the host.
+nothing on the host. One problem on the CPU, where reading a number costs no synchronisation,
+is decided on the host at every iteration instead (where the caller allows host reads), with the same outcome and none of the
+per-iteration tensor bookkeeping a batch needs (which would cost as much as a small problem's
+iteration).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -89,6 +93,7 @@ def fixed_point_loop(
     first_check: int = 1,
     check_every: int = 1,
     callbacks: Sequence[Callable[[SinkhornProgress], None]] = (),
+    host_reads: bool = False,
 ) -> LoopOutcome:
     """Iterate ``step`` until every problem's error is <= ``tol`` or ``max_iter`` iterations.
 
@@ -106,10 +111,16 @@ def fixed_point_loop(
         first_check: the first iteration (after the schedule) whose error is meaningful.
         check_every: iterations between host checks (loop exit, callbacks).
         callbacks: called with a ``SinkhornProgress`` at every check.
+        host_reads: whether the caller allows reading the host at every iteration (a solve
+            that validates its inputs); a batch of one on the CPU is then decided there.
     """
     schedule = schedule[: max(0, max_iter - 1)]
     ref = state[0]
     batch, device = ref.shape[0], ref.device
+    if host_reads and batch == 1 and device.type == "cpu":
+        return _one_problem_loop(step, state, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule,
+                                 measured_from=len(schedule) + first_check, check_every=check_every,
+                                 callbacks=callbacks)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     converged = torch.zeros_like(active)
     failed = torch.zeros_like(active)
@@ -139,6 +150,55 @@ def fixed_point_loop(
     if tol == 0:
         converged = ~failed
     return LoopOutcome(state=state, n_iter=n_iter, converged=converged, failed=failed, error=error)
+
+
+def _one_problem_loop(
+    step: Callable[[State, float], tuple[State, torch.Tensor, State]],
+    state: State,
+    *,
+    eps: float,
+    max_iter: int,
+    tol: float,
+    schedule: Sequence[float],
+    measured_from: int,
+    check_every: int,
+    callbacks: Sequence[Callable[[SinkhornProgress], None]],
+) -> LoopOutcome:
+    """``fixed_point_loop`` for a batch of one on the CPU, decided on the host: the outcome is
+    the batched loop's (the problem's state freezes, and the loop ends, at the first error <=
+    tol or the first non-finite iterate), and so are the callbacks' reports."""
+    ref = state[0]
+    error, n_iter, converged, failed = math.inf, 0, False, False
+    for it in range(1, max_iter + 1):
+        e = schedule[it - 1] if it <= len(schedule) else eps
+        new_state, new_error, kept = step(state, e)
+        if it >= measured_from:
+            error = float(new_error)
+            converged = tol > 0 and error <= tol
+        if not converged:
+            failed = not _finite(new_state)
+        stop = converged or failed
+        state = kept if stop else new_state
+        n_iter += not stop
+        if callbacks and (stop or it % check_every == 0 or it == max_iter):
+            # a stop is reported at the check the batched loop would reach with the state frozen
+            check = min(max_iter, -(-it // check_every) * check_every)
+            progress = SinkhornProgress(iteration=check, error=ref.new_full((1,), error),
+                                        active=torch.tensor([not stop]), eps=e)
+            for callback in callbacks:
+                callback(progress)
+        if stop:
+            break
+    if tol == 0:
+        converged = not failed
+    flag = functools.partial(torch.tensor, dtype=torch.bool)
+    return LoopOutcome(state=state, n_iter=torch.tensor([n_iter]), converged=flag([converged]),
+                       failed=flag([failed]), error=ref.new_full((1,), error))
+
+
+def _finite(state: State) -> bool:
+    """Whether every entry of a one-problem state is finite (a sum first: one pass in the usual case)."""
+    return math.isfinite(sum(float(t.detach().sum()) for t in state)) or bool(_all_finite(state).all())
 
 
 def select(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

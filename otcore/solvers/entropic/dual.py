@@ -120,7 +120,7 @@ def row_error(
 
 def certified(
     geom: Geometry, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor, *, eps: float,
-    rho_a: float, rho_b: float, tol: float, converged: torch.Tensor,
+    rho_a: float, rho_b: float, tol: float, converged: torch.Tensor, margin: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``converged``, re-judged in float64 where the compute dtype cannot resolve ``tol``.
 
@@ -129,7 +129,11 @@ def certified(
     measurement cannot vouch for tol: those problems get their returned potentials evaluated
     in float64 (row and column residuals, as ``row_error``), and ``converged`` only where that
     meets ``tol``. Returns (converged, the float64 errors (B,) or None when none was needed).
-    Reads one flag on the host; a dense cost is copied to float64 for the check.
+    With ``margin``, the float64 error must also leave room for the compute dtype's rounding
+    (twice the bound above, what a marginal error evaluated in that dtype may add): the first
+    judgement of a stopped solve, so that one accepted there also shows an error <= tol when
+    its plan is evaluated in its own dtype. Reads one flag on the host; a dense cost is copied
+    to float64 for the check.
     """
     if geom.dtype == torch.float64 or tol == 0:
         return converged, None
@@ -142,7 +146,8 @@ def certified(
         f_new = tau_of(rho_a, eps) * geom64.softmin(g64, eps, b64, axis=1)
         g_new = tau_of(rho_b, eps) * geom64.softmin(f64, eps, a64, axis=0)
         error = row_error(geom64, a64, f64, f_new, eps) + row_error(geom64, b64, g64, g_new, eps, axis=1)
-    return converged & (error <= tol), error
+    slack = 2 * rounding if margin else 0.0
+    return converged & (error + slack <= tol), error
 
 
 def eps_schedule(geom: Geometry, eps: float, ratio: float | None) -> list[float]:

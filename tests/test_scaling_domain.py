@@ -1,0 +1,135 @@
+"""Scaling-domain Sinkhorn (stabilised kernel with absorption): the same fixed point as the log
+domain and as POT, at eps where an unstabilised kernel over- or underflows, and chosen only
+where it is safe."""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import pytest
+import torch
+from conftest import F64, clouds, simplex, sqdist
+
+import otcore
+from otcore.solvers.entropic import scaling
+
+
+@pytest.fixture
+def count_scaling_half_steps(monkeypatch):
+    """A list that grows by one at every scaling-domain half-step."""
+    calls = []
+    original = scaling.StabilisedKernel.softmin
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(scaling.StabilisedKernel, "softmin", counted)
+    return calls
+
+
+def _pot_log_plan(C, a, b, eps):
+    """POT's log-domain Sinkhorn plan in float64, to 1e-13."""
+    return torch.from_numpy(ot.sinkhorn(a.double().numpy(), b.double().numpy(), C.double().numpy(), eps,
+                                        method="sinkhorn_log", stopThr=1e-13, numItermax=200_000))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.8])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_scaling_and_log_domains_reach_the_same_potentials(gen, tau, batch, count_scaling_half_steps):
+    x, y = clouds(40, 30, 2, gen)
+    C = sqdist(x, y).expand(batch, 40, 30)
+    a = torch.stack([simplex(40, gen) for _ in range(batch)])
+    b = torch.stack([simplex(30, gen) for _ in range(batch)])
+    a[:, 3] = 0.0  # a zero weight: its potential is still the softmin of g
+    b = b * (a.sum(-1, keepdim=True) / b.sum(-1, keepdim=True))
+    kwargs = {"eps": 0.02, "tau_a": tau, "tau_b": tau, "tol": 1e-11, "max_iter": 20_000}
+    log = otcore.sinkhorn(C, a, b, domain="log", **kwargs)
+    assert not count_scaling_half_steps
+    for domain in ("scaling", "auto"):
+        res = otcore.sinkhorn(C, a, b, domain=domain, **kwargs)
+        assert bool(res.converged.all()) and len(count_scaling_half_steps) >= 2 * int(res.n_iter.min())
+        count_scaling_half_steps.clear()
+        torch.testing.assert_close(res.f, log.f, rtol=0, atol=1e-9)
+        torch.testing.assert_close(res.g, log.g, rtol=0, atol=1e-9)
+        torch.testing.assert_close(res.value, log.value, rtol=1e-12, atol=1e-12)
+        assert (res.n_iter - log.n_iter).abs().max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_small_eps_and_offset_costs_match_pots_log_domain(gen, dtype, count_scaling_half_steps):
+    """exp(-C/eps) underflows everywhere at eps = 1e-3 (and overflows with 50 added to C): the
+    absorbed kernel does not, and the plan is POT's log-domain one."""
+    x, y = clouds(30, 25, 2, gen)
+    x, y = 0.2 * x, 0.2 * y  # costs in [0, 1.3]
+    a, b = simplex(30, gen), simplex(25, gen)
+    for offset, eps in ((0.0, 1e-3), (50.0, 0.05)):
+        C = sqdist(x, y) + offset
+        res = otcore.sinkhorn(C.to(dtype), a.to(dtype), b.to(dtype), eps=eps, domain="scaling", max_iter=50_000,
+                              tol=1e-12 if dtype == F64 else 1e-4)
+        assert bool(res.converged) and count_scaling_half_steps
+        count_scaling_half_steps.clear()
+        reference = _pot_log_plan(C, a, b, eps)
+        atol = 1e-9 if dtype == F64 else 2e-4
+        assert float((res.plan.double() - reference).abs().sum()) <= atol
+
+
+def test_a_far_warm_start_is_absorbed_and_converges(gen, count_scaling_half_steps):
+    x, y = clouds(25, 20, 3, gen)
+    C, a, b = sqdist(x, y), simplex(25, gen), simplex(20, gen)
+    cold = otcore.sinkhorn(C, a, b, eps=0.05, tol=1e-10, domain="log")
+    far = (cold.f + 40.0, cold.g - 25.0 + torch.linspace(-30, 30, 20, dtype=F64))  # exp(+-800) in the kernel
+    warm = otcore.sinkhorn(C, a, b, eps=0.05, tol=1e-10, init=far, domain="scaling")
+    assert bool(warm.converged) and count_scaling_half_steps
+    torch.testing.assert_close(warm.plan, cold.plan, rtol=0, atol=1e-11)
+    torch.testing.assert_close(warm.value, cold.value, rtol=1e-12, atol=0)
+
+
+def test_auto_uses_the_log_domain_where_the_scaling_domain_is_not_safe(gen, monkeypatch, count_scaling_half_steps):
+    x, y = clouds(20, 15, 2, gen)
+    C, a, b = sqdist(x, y), simplex(20, gen), simplex(15, gen)
+    otcore.sinkhorn(C, a, b, eps=100.0)  # eps above the costs' range: the centred log domain
+    otcore.sinkhorn(otcore.PointCloud(x, y, validate=False), a, b, eps=0.1, validate=False)
+    otcore.sinkhorn(C.requires_grad_(), a, b, eps=0.1, grad="unroll")
+    monkeypatch.setattr(scaling, "DENSE_BUDGET_BYTES", 20 * 15 * 8 - 1)
+    otcore.sinkhorn(C.detach(), a, b, eps=0.1)
+    assert not count_scaling_half_steps
+    monkeypatch.setattr(scaling, "DENSE_BUDGET_BYTES", 20 * 15 * 8)
+    otcore.sinkhorn(C.detach(), a, b, eps=0.1)
+    assert count_scaling_half_steps
+
+
+def test_a_solve_that_keeps_absorbing_returns_to_the_log_domain(gen, monkeypatch, count_scaling_half_steps):
+    """With a range of scalings so narrow that every half-step rebuilds the kernel, the solve
+    returns to the log domain after a few iterations, and finds the same fixed point."""
+    x, y = clouds(30, 30, 2, gen)
+    C, a, b = sqdist(x, y), simplex(30, gen), simplex(30, gen)
+    log = otcore.sinkhorn(C, a, b, eps=0.05, tol=1e-10, domain="log")
+    monkeypatch.setitem(scaling.THRESHOLDS, F64, 1e-6)
+    res = otcore.sinkhorn(C, a, b, eps=0.05, tol=1e-10, domain="scaling")
+    assert 0 < len(count_scaling_half_steps) <= 2 * 10 < int(res.n_iter)
+    torch.testing.assert_close(res.f, log.f, rtol=0, atol=1e-10)
+    assert bool(res.converged) and int(res.n_iter) == int(log.n_iter)
+
+
+def test_domain_errors_name_the_argument(gen):
+    C = torch.rand(5, 4, generator=gen, dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError, match="domain must be one of"):
+        otcore.sinkhorn(C, eps=0.1, domain="kernel")
+    with pytest.raises(ValueError, match="domain='scaling' cannot run: gradients"):
+        otcore.sinkhorn(C, eps=0.1, domain="scaling", grad="unroll")
+    with pytest.raises(ValueError, match="domain='scaling' cannot run: the geometry was built with validate=False"):
+        otcore.sinkhorn(C.detach(), eps=0.1, domain="scaling", validate=False)
+
+
+def test_scaling_domain_gradients_are_the_log_domains(gen):
+    """The gradients go through the geometry at the fixed point, whichever domain found it."""
+    x, y = clouds(15, 12, 2, gen)
+    x.requires_grad_()
+    a, b = simplex(15, gen), simplex(12, gen)
+    grads = []
+    for domain in ("scaling", "log"):
+        res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.05, tol=1e-12, domain=domain)
+        grads.append(torch.autograd.grad(res.value + res.f.square().sum(), x)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-10)
+    assert np.isfinite(grads[0].numpy()).all()
