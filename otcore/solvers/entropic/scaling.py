@@ -116,22 +116,23 @@ class StabilisedKernel:
         self.g0: torch.Tensor | None = None  # (B, m)
         self.rebuilds = 0
         self.half_steps = 0
+        self.retired = False  # True once the solve is back in the log domain
 
-    @property
-    def worthwhile(self) -> bool:
-        """False once the solve rebuilds so often that log-domain iterations would cost no more."""
-        iterations = self.half_steps / 2
-        return iterations < _PATIENCE or self.rebuilds <= _REBUILDS_PER_ITER * iterations
-
-    def softmin(self, f: torch.Tensor, g: torch.Tensor, weights: torch.Tensor, axis: int) -> torch.Tensor:
+    def softmin(
+        self, f: torch.Tensor, g: torch.Tensor, weights: torch.Tensor, axis: int, eps: float,
+    ) -> torch.Tensor:
         """``geom.softmin`` of the current iterate: of g over the columns (``axis=1``, the
         f-update, (B, n)) or of f over the rows (``axis=0``, the g-update, (B, m)).
 
-        ``weights``: b (B, m) for ``axis=1``, a (B, n) for ``axis=0``. No gradients. Reads three
-        numbers on the host (the scalings' range, whether the result is finite).
+        ``weights``: b (B, m) for ``axis=1``, a (B, n) for ``axis=0``. At an ``eps`` other than
+        the kernel's (annealing), or once the solve is back in the log domain, this is
+        ``geom.softmin`` itself. No gradients. Reads three numbers on the host (the scalings'
+        range, whether the result is finite).
         """
-        self.half_steps += 1
         h = g if axis == 1 else f
+        if eps != self.eps or self._retire():
+            return self.geom.softmin(h, eps, weights, axis=axis)
+        self.half_steps += 1
         if self.kernel is not None:
             exponent = (h - (self.g0 if axis == 1 else self.f0)).div_(self.eps)
             low, high = torch.aminmax(exponent)
@@ -149,6 +150,14 @@ class StabilisedKernel:
             return out
         self.kernel = None  # rebuilt at the next half-step, from an iterate the log domain made
         return self.geom.softmin(h, self.eps, weights, axis=axis)
+
+    def _retire(self) -> bool:
+        """Whether the solve is (now) back in the log domain: it rebuilt the kernel so often
+        that log-domain iterations would cost no more."""
+        iterations = self.half_steps / 2
+        if not self.retired and iterations >= _PATIENCE and self.rebuilds > _REBUILDS_PER_ITER * iterations:
+            self.retired, self.kernel = True, None
+        return self.retired
 
     def _rebuild(self, f: torch.Tensor, g: torch.Tensor) -> None:
         """K~ at (f0, g0) = (f, g)."""

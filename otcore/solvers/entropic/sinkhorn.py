@@ -203,12 +203,8 @@ def run_sinkhorn(
     kernel = stabilised_kernel(geom, eps, domain)
 
     def step(state, e):
-        nonlocal kernel
-        if kernel is not None and not kernel.worthwhile:
-            kernel = None
         f, g = state
-        f_new, g_new, error = sinkhorn_step(geom, a, b, f, g, eps=e, rho_a=rho_a, rho_b=rho_b,
-                                            kernel=kernel if e == eps else None)
+        f_new, g_new, error = sinkhorn_step(geom, a, b, f, g, eps=e, rho_a=rho_a, rho_b=rho_b, kernel=kernel)
         return (f_new, g_new), error, (refresh_zero_weight(positive, f, f_new) if zero_weight else f, g)
 
     # the first iteration's error is that of the initial (f, g), which is not a Sinkhorn iterate
@@ -222,20 +218,20 @@ def sinkhorn_step(
     """One Sinkhorn iteration: ``(f_new, g_new, error of (f, g))``, (B, n), (B, m), (B,).
 
     (f, g) has exact column marginals (g was the last update), so its marginal error is the row
-    error, which the f-update gives without a plan product. With a ``kernel`` (built for this
-    eps) the softmins are its products (scaling domain), else the geometry's (log domain).
+    error, which the f-update gives without a plan product. With a ``kernel`` the softmins are
+    its (scaling domain at its eps), else the geometry's (log domain).
     """
     if kernel is None:
         rows = geom.softmin(g, eps, b, axis=1)
     else:
-        rows = kernel.softmin(f, g, b, axis=1)
+        rows = kernel.softmin(f, g, b, axis=1, eps=eps)
     f_new = _damped(tau_of(rho_a, eps), rows)
     with torch.no_grad():
         error = row_error(geom, a, f, f_new, eps)
     if kernel is None:
         columns = geom.softmin(f_new, eps, a, axis=0)
     else:
-        columns = kernel.softmin(f_new, g, a, axis=0)
+        columns = kernel.softmin(f_new, g, a, axis=0, eps=eps)
     g_new = _damped(tau_of(rho_b, eps), columns)
     return f_new, g_new, error
 
