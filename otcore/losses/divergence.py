@@ -79,13 +79,29 @@ def sinkhorn_divergence(
     transport and MMD using Sinkhorn divergences", AISTATS 2019 (Sec. 3.1, the symmetric
     updates); GeomLoss's ``sinkhorn_loop`` (one loop for the three problems).
     """
+    return divergence_and_potentials(
+        x, y, a, b, eps=eps, cost=cost, backend=backend, tol=tol, max_iter=max_iter, grad=grad,
+        eps_scaling=eps_scaling, check_every=check_every, callback=callback, verbose=verbose, warn=warn,
+        validate=validate)[0]
+
+
+def divergence_and_potentials(
+    x, y, a=None, b=None, *, eps, cost="sqeuclidean", backend="auto", tol=None, max_iter=2000, grad="implicit",
+    eps_scaling="auto", check_every=None, callback=None, verbose=False, warn=True, validate=True,
+    init: tuple[torch.Tensor, ...] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``sinkhorn_divergence`` (same arguments), and the potentials it ended at: a warm start.
+
+    The potentials are (f, g, p_x, p_y), each (B, n) or (B, m), detached; (p,) alone when the
+    two measures are the same. ``init``: such a tuple from an earlier call on measures of the
+    same shapes (and the same sameness); the solve then starts from it at ``eps`` directly,
+    without annealing.
+    """
     eps = check_positive("eps", eps)
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     max_iter = check_max_iter("max_iter", max_iter)
-    if eps_scaling == "auto":
-        eps_scaling = 0.5 if validate else None
-    eps_scaling = check_ratio("eps_scaling", eps_scaling)
+    eps_scaling = resolve_eps_scaling(eps_scaling, validate=validate)
     cross = PointCloud(x, y, cost=cost, backend=backend, validate=validate)  # names x and y in its errors
     problem = prepare_problem(cross, a, b, balanced=True, validate=validate)
     geom, wa, wb = problem.geom, problem.a, problem.b
@@ -95,7 +111,7 @@ def sinkhorn_divergence(
     xs, ys = geom.tensors
     self_x, self_y = geom.with_tensors(xs, xs), geom.with_tensors(ys, ys)
     unroll = grad == "unroll"
-    identical = not unroll and _same_inputs(x, y, a, b, compare_values=validate)
+    identical = not unroll and same_measures(x, y, a, b, compare_values=validate)
 
     with torch.set_grad_enabled(unroll and torch.is_grad_enabled()):  # no kernels for unrolling
         cross_kernel = stabilised_kernel(geom, eps, "auto")
@@ -122,10 +138,16 @@ def sinkhorn_divergence(
 
     zeros_n, zeros_m = torch.zeros_like(wa), torch.zeros_like(wb)
     start = (zeros_n,) if identical else (zeros_n, zeros_m, zeros_n, zeros_m)
+    if init is not None:
+        if len(init) != len(start) or any(t.shape != s.shape for t, s in zip(init, start, strict=False)):
+            raise ValueError(f"init must be potentials of shapes {[tuple(s.shape) for s in start]}, got "
+                             f"{[tuple(t.shape) for t in init]}")
+        start = tuple(t.detach().to(s.dtype) for t, s in zip(init, start, strict=True))
+    schedule = [] if init is not None else eps_schedule(geom, eps, eps_scaling)
     with torch.set_grad_enabled(unroll and torch.is_grad_enabled()):
-        outcome = fixed_point_loop(step, start, eps=eps, max_iter=max_iter, tol=tol,
-                                   schedule=eps_schedule(geom, eps, eps_scaling), first_check=1 if identical else 2,
-                                   check_every=checks, callbacks=callbacks, host_reads=validate)
+        outcome = fixed_point_loop(step, start, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule,
+                                   first_check=1 if identical else 2, check_every=checks, callbacks=callbacks,
+                                   host_reads=validate)
     if warn and (tol > 0 or validate):
         warn_not_converged("sinkhorn_divergence", converged=outcome.converged, max_iter=max_iter,
                            causes={"stopped on a non-finite iterate": outcome.failed})
@@ -142,7 +164,8 @@ def sinkhorn_divergence(
     value = ot_xy - 0.5 * ot_xx - 0.5 * ot_yy
     if _positive_kernel(geom.cost):
         value = value.clamp(min=0)  # S >= 0 in exact arithmetic: see the docstring
-    return (value if problem.batched else value.squeeze(0)).to(problem.out_dtype)
+    potentials = tuple(t.detach() for t in outcome.state)
+    return (value if problem.batched else value.squeeze(0)).to(problem.out_dtype), potentials
 
 
 class _SelfTerm:
@@ -184,6 +207,14 @@ class _SelfTerm:
         return refresh_zero_weight(self.positive, 0.5 * (p + s), s), error, kept
 
 
+def resolve_eps_scaling(eps_scaling, *, validate: bool) -> float | None:
+    """The annealing ratio of a divergence: ``"auto"`` is 0.5 where inputs are validated (the
+    schedule reads max|C| on the host) and None otherwise; other values as ``check_ratio``."""
+    if isinstance(eps_scaling, str) and eps_scaling == "auto":
+        return 0.5 if validate else None
+    return check_ratio("eps_scaling", eps_scaling)
+
+
 def _positive_kernel(cost: str | float) -> bool:
     """Whether exp(-cost/eps) is a positive definite kernel (so that S_eps >= 0): the squared
     Euclidean cost (Gaussian kernel) and |x - y|_p for 1 <= p <= 2 (negative definite functions, so
@@ -191,7 +222,7 @@ def _positive_kernel(cost: str | float) -> bool:
     return cost in ("sqeuclidean", "euclidean") or (not isinstance(cost, str) and cost <= 2)
 
 
-def _same_inputs(x, y, a, b, *, compare_values: bool) -> bool:
+def same_measures(x, y, a, b, *, compare_values: bool) -> bool:
     """Whether (x, a) and (y, b) are the same measure: the same tensors, or (when
     ``compare_values``, a host read) equal ones."""
 

@@ -13,6 +13,7 @@ from otcore.nn.routing import (
     topk_route,
 )
 from otcore.nn.shape_matching import ShapeMatchingLoss, shape_matching_pointmap, shape_matching_terms
+from otcore.nn.sinkhorn_loss import SinkhornLoss
 
 __all__ = [
     "GSPPooling",
@@ -21,6 +22,7 @@ __all__ = [
     "OTKMeans",
     "Routing",
     "ShapeMatchingLoss",
+    "SinkhornLoss",
     "SinkhornRouter",
     "SparseOTRouter",
     "TopKRouter",

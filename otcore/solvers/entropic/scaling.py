@@ -145,7 +145,7 @@ class StabilisedKernel:
             sums = torch.bmm(self.kernel, scaled.unsqueeze(-1)).squeeze(-1)
         else:
             sums = torch.bmm(scaled.unsqueeze(-2), self.kernel).squeeze(-2)
-        out = sums.log_().mul_(-self.eps).add_(self.f0 if axis == 1 else self.g0)
+        out = torch.add(self.f0 if axis == 1 else self.g0, sums.log_(), alpha=-self.eps)
         if math.isfinite(float(out.sum())):
             return out
         self.kernel = None  # rebuilt at the next half-step, from an iterate the log domain made
