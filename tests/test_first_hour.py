@@ -38,7 +38,8 @@ def test_divergence_typo_names_the_divergence():
     lambda: otcore.sinkhorn_divergence(X, Y, eps=0.01, max_iter=2),
     lambda: otcore.sinkhorn(sqdist(X, Y), eps=0.01, max_iter=2),
     lambda: otcore.sns(sqdist(X, Y), eps=0.01, max_iter=1, sinkhorn_iter=1),
-], ids=["sinkhorn_divergence", "sinkhorn", "sns"])
+    lambda: otcore.nn.SinkhornLoss(eps=0.01, max_iter=2)(X, Y),
+], ids=["sinkhorn_divergence", "sinkhorn", "sns", "SinkhornLoss"])
 def test_convergence_warning_points_at_the_callers_line(solve):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

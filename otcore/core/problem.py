@@ -3,6 +3,8 @@ and a solver's batched outputs back into an ``OTResult`` of the user's shapes an
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -119,5 +121,18 @@ def warn_not_converged(
         f"({reasons}max_iter={max_iter}); result.converged is False for them. "
         "Raise max_iter, loosen tol or increase eps.",
         ConvergenceWarning,
-        stacklevel=3,
+        stacklevel=_user_stacklevel(),
     )
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of ``warn_not_converged``'s caller's first frame outside otcore and torch
+    (a module's ``forward`` runs under torch's ``__call__``): the warning points at the user's line."""
+    level, frame = 2, sys._getframe(2)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        level, frame = level + 1, frame.f_back
+    return level
