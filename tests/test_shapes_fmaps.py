@@ -124,3 +124,42 @@ def test_bad_inputs_name_the_argument(permuted_pair, gen):
         shapes.soft_pointmap(fx, fx, tau=0)
     with pytest.raises(ValueError, match="^fmap_xy"):
         shapes.fmap_to_pointmap(torch.eye(3, dtype=F64), spec_x.evecs, spec_y.evecs)
+
+
+def test_coupling_loss_matches_numpy_for_a_soft_map(permuted_pair, gen):
+    _, spec_x, spec_y = permuted_pair
+    n_x, n_y, k = spec_x.evecs.shape[0], spec_y.evecs.shape[0], spec_x.evecs.shape[1]
+    soft = torch.softmax(torch.randn(n_y, n_x, generator=gen, dtype=F64), dim=1)
+    C = torch.randn(k, k, generator=gen, dtype=F64)
+    Px, Py, my = spec_x.evecs.numpy(), spec_y.evecs.numpy(), spec_y.mass.numpy()
+    implied = Py.T @ np.diag(my) @ soft.numpy() @ Px
+    np.testing.assert_allclose(shapes.pointmap_to_fmap(soft, spec_x, spec_y).numpy(), implied, atol=1e-13)
+    ref = np.linalg.norm(C.numpy() - implied) ** 2
+    assert abs(float(shapes.coupling_loss(C, soft, spec_x, spec_y)) - ref) < 1e-12 * ref
+
+
+def test_nearest_matches_brute_force(gen):
+    q, p = torch.randn(3000, 4, generator=gen, dtype=F64), torch.randn(500, 4, generator=gen, dtype=F64)  # > CHUNK rows
+    shift = torch.rand(500, generator=gen, dtype=F64)
+    cost = ((q.numpy()[:, None] - p.numpy()[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(shapes.nearest(q, p).numpy(), cost.argmin(1))
+    np.testing.assert_array_equal(shapes.nearest(q, p, shift).numpy(), (cost - shift.numpy()).argmin(1))
+
+
+def test_more_bad_inputs_name_the_argument(permuted_pair):
+    _, spec_x, _ = permuted_pair
+    fx = torch.randn(spec_x.evecs.shape[0], 4, dtype=F64)
+    with pytest.raises(ValueError, match="^lam"):
+        shapes.fmap_from_features(fx, fx, spec_x, spec_x, lam=float("inf"))
+    with pytest.raises(ValueError, match="^queries"):
+        shapes.nearest([1.0, 2.0], fx)
+    with pytest.raises(ValueError, match="^queries and points"):
+        shapes.nearest(fx, fx[:, :2])
+    with pytest.raises(ValueError, match="^shift"):
+        shapes.nearest(fx, fx, torch.zeros(3, dtype=F64))
+    with pytest.raises(ValueError, match="^f "):
+        shapes.spectral_coefficients(fx, spec_x.evecs[:5], spec_x.mass)
+    with pytest.raises(ValueError, match="^evals_x"):
+        shapes.resolvent_mask([1.0], spec_x.evals)
+    with pytest.raises(ValueError, match="^evals_y"):
+        shapes.laplacian_commutativity_loss(torch.eye(10, dtype=F64), spec_x.evals, [0.0] * 10)

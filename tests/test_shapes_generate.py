@@ -133,3 +133,26 @@ def test_bad_inputs_name_the_argument():
         shapes.geodesic_distances(vertices, faces, idx.double())
     with pytest.raises(ValueError, match="^errors"):
         shapes.pck_curve(torch.tensor([-1.0]))
+
+
+def test_deformations_validate_their_inputs():
+    vertices, _, _ = shapes.canonical_mesh("capsule", n_vertices=50, seed=0)
+    with pytest.raises(ValueError, match="^axis"):
+        shapes.stretch(vertices, strength=0.3, axis=5)
+    with pytest.raises(ValueError, match="^vertices"):
+        shapes.stretch(torch.zeros(5, 3, dtype=torch.float64), strength=0.3)
+    with pytest.raises(ValueError, match="^vertices"):
+        shapes.bend(vertices[:, :2], radius=1.0)
+    with pytest.raises(ValueError, match="^vertices"):
+        shapes.bend(vertices.tolist(), radius=1.0)
+    with pytest.raises(ValueError, match="^radius"):
+        shapes.bend(vertices, radius=float("inf"))
+    with pytest.raises(ValueError, match="^toward"):
+        shapes.bend(vertices, radius=1.0, axis=1, toward=1)
+    with pytest.raises(ValueError, match="^dtype"):
+        shapes.canonical_mesh("sphere", n_vertices=30, dtype=torch.int64)
+    with pytest.raises(ValueError, match="^strength"):
+        shapes.make_pair("sphere", n_vertices=30, deformation="none", strength=0.5)
+    # dtype kept
+    assert shapes.bend(vertices.float(), radius=2.0).dtype == torch.float32
+    assert shapes.stretch(vertices.float(), strength=0.2).dtype == torch.float32

@@ -127,3 +127,22 @@ def test_bad_inputs_name_the_argument(gen):
         otcore.nn.shape_matching_pointmap(fx, fy, sigma=0)
     with pytest.raises(ValueError, match="^p"):
         otcore.nn.ShapeMatchingLoss(p=0.5, seed=0)(fx, fy, spec_x, spec_y)
+
+
+def test_sinkhorn_soft_maps_are_stochastic_before_convergence(gen):
+    """A few Sinkhorn iterations leave one marginal of the plan off: each soft map is the plan
+    normalised along its own rows (P by rows for y -> x, P^T by rows for x -> y)."""
+    fx, fy = torch.randn(40, 5, generator=gen, dtype=F64), torch.randn(33, 5, generator=gen, dtype=F64)
+    terms = shape_matching_terms(fx, fy, tiny_spectrum(40, 4, gen), tiny_spectrum(33, 4, gen), soft_map="sinkhorn",
+                                 sigma=0.1, n_iter=3, n_projections=4, seed=0)
+    plan = entropic_plan(fx, fy, sigma=0.1, n_iter=3).plan.numpy()
+    assert np.abs(plan.sum(1) * 33 - 1).max() > 1e-2 or np.abs(plan.sum(0) * 40 - 1).max() > 1e-2  # not converged
+    np.testing.assert_allclose(terms.soft_map_yx.numpy(), plan / plan.sum(1, keepdims=True), rtol=1e-12)
+    np.testing.assert_allclose(terms.soft_map_xy.numpy(), (plan / plan.sum(0, keepdims=True)).T, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("option", "value"), [("lam", -1.0), ("lam", float("inf")), ("gamma", 0.0), ("p", 0.5),
+                                               ("seed", "x"), ("seed", -3), ("tau", 0.0)])
+def test_bad_options_raise_at_construction(option, value):
+    with pytest.raises(ValueError, match=f"^{option}"):
+        otcore.nn.ShapeMatchingLoss(**{option: value})

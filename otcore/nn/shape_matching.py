@@ -11,8 +11,9 @@ The loss of Le et al. [1] (built on ULRSSM [2]) for per-vertex features ``F_x`` 
   or ``"sinkhorn"`` (the adaptive refinement of [1]: the entropic OT plan P between the uniform
   clouds ``Fh_y`` and ``Fh_x`` with cost ``|Fh_y_i - Fh_x_j|^2`` and
   ``eps = 2 sigma^2 mean(cost)`` (the paper's ``exp(-D / (2 sigma^2))`` with D normalised by its
-  mean), by ``otcore.sinkhorn``; ``Pi_yx = n_y P``, ``Pi_xy = n_x P^T``. The plan is computed on
-  detached features, so it is a constant of the loss, as in [1]);
+  mean), by ``otcore.sinkhorn``; ``Pi_yx`` is P with its rows normalised, ``Pi_xy`` is P^T with
+  its rows normalised (``n_y P`` and ``n_x P^T`` once Sinkhorn has converged). The plan is computed
+  on detached features, so it is a constant of the loss, as in [1]);
 - the loss, a weighted sum of
 
       bijectivity    ||C_xy C_yx - I||^2 + ||C_yx C_xy - I||^2
@@ -54,6 +55,7 @@ from otcore.geometry import PointCloud
 from otcore.shapes.functional_maps import (
     _pair,
     bijectivity_loss,
+    check_lam,
     check_spectrum,
     coupling_loss,
     fmap_from_features,
@@ -63,6 +65,8 @@ from otcore.shapes.functional_maps import (
     soft_pointmap,
 )
 from otcore.solvers import sinkhorn, sliced_wasserstein
+from otcore.solvers.ot1d import check_p
+from otcore.solvers.sliced import _generator
 
 SOFT_MAPS = ("softmax", "sinkhorn")
 TERMS = ("bijectivity", "orthogonality", "laplacian", "coupling", "alignment")
@@ -169,8 +173,10 @@ def shape_matching_terms(feat_x: torch.Tensor, feat_y: torch.Tensor, spectrum_x,
     if soft_map == "softmax":
         pi_yx, pi_xy = soft_pointmap(feat_y, feat_x, tau=tau), soft_pointmap(feat_x, feat_y, tau=tau)
     else:
-        plan = entropic_plan(feat_x, feat_y, sigma=sigma, n_iter=n_iter).plan       # (n_y, n_x), rows ~ 1/n_y
-        pi_yx, pi_xy = plan * feat_y.shape[0], plan.mT * feat_x.shape[0]
+        # (n_y, n_x); after a few iterations only one of its marginals is exact: each soft map is
+        # normalised on its own (the final row / column normalisations of [1])
+        plan = entropic_plan(feat_x, feat_y, sigma=sigma, n_iter=n_iter).plan
+        pi_yx, pi_xy = plan / plan.sum(1, keepdim=True), (plan / plan.sum(0, keepdim=True)).mT
     evals_x, evals_y = spectrum_x[0], spectrum_y[0]
     scale = torch.maximum(evals_x.max(), evals_y.max()).clamp_min(torch.finfo(dtype).tiny)
     ux, uy = _unit(feat_x), _unit(feat_y)
@@ -201,6 +207,9 @@ class ShapeMatchingLoss(torch.nn.Module):
             ``shape_matching_terms``. Switch ``soft_map`` to ``"sinkhorn"`` for the adaptive
             refinement of a trained network on a test pair.
 
+    Raises:
+        ValueError: a negative or non-finite weight, or a bad option (each named), at construction.
+
     Example::
 
         spec_x = otcore.shapes.laplacian_basis(vx, fx, 50)
@@ -224,10 +233,12 @@ class ShapeMatchingLoss(torch.nn.Module):
                 raise ValueError(f"{name} must be a finite weight >= 0, got {w!r}")
         if soft_map not in SOFT_MAPS:
             raise ValueError(f"soft_map must be one of {SOFT_MAPS}, got {soft_map!r}")
+        _generator(seed)  # raises on a bad seed; the seed itself is kept (an int: the same directions each call)
         self.weights = {name: float(w) for name, w in weights.items()}
-        self.options = {"lam": lam, "gamma": gamma, "soft_map": soft_map, "tau": check_positive("tau", tau),
-                        "sigma": check_positive("sigma", sigma), "n_iter": check_max_iter("n_iter", n_iter),
-                        "n_projections": check_max_iter("n_projections", n_projections), "p": p, "seed": seed}
+        self.options = {"lam": check_lam(lam), "gamma": check_positive("gamma", gamma), "soft_map": soft_map,
+                        "tau": check_positive("tau", tau), "sigma": check_positive("sigma", sigma),
+                        "n_iter": check_max_iter("n_iter", n_iter),
+                        "n_projections": check_max_iter("n_projections", n_projections), "p": check_p(p), "seed": seed}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in {**self.weights, **self.options}.items())

@@ -8,6 +8,15 @@ import torch
 from otcore._validation import check_finite
 
 
+def check_vertices(vertices, minimum: int = 1) -> None:
+    """Raise ``ValueError`` naming ``vertices`` unless it is a finite floating (n, 3) tensor, n >= minimum."""
+    if not torch.is_tensor(vertices) or not vertices.is_floating_point():
+        raise ValueError(f"vertices must be a floating torch.Tensor, got {getattr(vertices, 'dtype', type(vertices))}")
+    if vertices.dim() != 2 or vertices.shape[1] != 3 or vertices.shape[0] < minimum:
+        raise ValueError(f"vertices must have shape (n, 3) with n >= {minimum}, got {tuple(vertices.shape)}")
+    check_finite("vertices", vertices)
+
+
 def check_mesh(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Validate a triangle mesh; return float64 (n, 3) vertices and int64 (f, 3) faces as NumPy.
 
@@ -15,11 +24,7 @@ def check_mesh(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[np.ndarray,
     ``faces`` (not an integer (f, 3) tensor, f >= 1, with indices in [0, n), no repeated index
     within a face, no zero-area face, every vertex in some face).
     """
-    if not torch.is_tensor(vertices) or not vertices.is_floating_point():
-        raise ValueError(f"vertices must be a floating torch.Tensor, got {getattr(vertices, 'dtype', type(vertices))}")
-    if vertices.dim() != 2 or vertices.shape[1] != 3 or vertices.shape[0] < 3:
-        raise ValueError(f"vertices must have shape (n, 3) with n >= 3, got {tuple(vertices.shape)}")
-    check_finite("vertices", vertices)
+    check_vertices(vertices, minimum=3)
     if not torch.is_tensor(faces) or faces.is_floating_point() or faces.is_complex() or faces.dtype == torch.bool:
         raise ValueError(f"faces must be an integer torch.Tensor, got {getattr(faces, 'dtype', type(faces))}")
     if faces.dim() != 2 or faces.shape[1] != 3 or faces.shape[0] == 0:

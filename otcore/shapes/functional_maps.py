@@ -29,6 +29,8 @@ References:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from otcore._validation import _real, check_finite, check_positive
@@ -70,7 +72,17 @@ def check_spectrum(name: str, spectrum, n: int | None = None) -> tuple[torch.Ten
 
 def spectral_coefficients(f: torch.Tensor, evecs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """``Phi^+ f = Phi^T M f``: (..., k, d) coefficients of functions f (..., n, d) in the basis
-    ``evecs`` (..., n, k), orthonormal for the masses (..., n)."""
+    ``evecs`` (..., n, k), orthonormal for the masses (..., n) [1].
+
+    Raises:
+        ValueError: ``f``, ``evecs`` or ``mass`` not floating tensors of these shapes (n must agree).
+    """
+    _floating("f", f, 2)
+    _floating("evecs", evecs, 2)
+    _floating("mass", mass, 1)
+    if not f.shape[-2] == evecs.shape[-2] == mass.shape[-1]:
+        raise ValueError(f"f (..., n, d), evecs (..., n, k) and mass (..., n) must agree on n, got "
+                         f"{tuple(f.shape)}, {tuple(evecs.shape)} and {tuple(mass.shape)}")
     return evecs.mT @ (mass.unsqueeze(-1) * f)
 
 
@@ -81,8 +93,17 @@ def resolvent_mask(evals_x: torch.Tensor, evals_y: torch.Tensor, gamma: float = 
     ``D_ij = |R(mu_y_i) - R(mu_x_j)|^2`` for the resolvent ``R(mu) = 1 / (mu - i)``, i.e.
     ``(mu_y/(mu_y^2+1) - mu_x/(mu_x^2+1))^2 + (1/(mu_y^2+1) - 1/(mu_x^2+1))^2``: 0 between equal
     eigenvalues, growing with their gap (bounded, unlike the plain commutator's squared gap).
+
+    Args:
+        evals_x: (..., k_x) eigenvalues of x; evals_y: (..., k_y) of y (>= 0).
+        gamma: exponent (> 0).
+
+    Raises:
+        ValueError: ``evals_x`` / ``evals_y`` not floating tensors, ``gamma`` not > 0.
     """
     gamma = check_positive("gamma", gamma)
+    _floating("evals_x", evals_x, 1)
+    _floating("evals_y", evals_y, 1)
     scale = torch.maximum(evals_x.amax(-1, keepdim=True), evals_y.amax(-1, keepdim=True)).clamp_min(
         torch.finfo(evals_x.dtype).tiny)
     mx = (evals_x / scale).clamp_min(0).pow(gamma).unsqueeze(-2)     # (..., 1, k_x)
@@ -119,13 +140,19 @@ def fmap_from_features(feat_x: torch.Tensor, feat_y: torch.Tensor, spectrum_x, s
     _pair(feat_x, feat_y)
     evals_x, evecs_x, mass_x = (t.to(feat_x.dtype) for t in check_spectrum("spectrum_x", spectrum_x, feat_x.shape[0]))
     evals_y, evecs_y, mass_y = (t.to(feat_x.dtype) for t in check_spectrum("spectrum_y", spectrum_y, feat_y.shape[0]))
-    lam = _real("lam", lam, "a number >= 0")
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam!r}")
+    lam = check_lam(lam)
     A = spectral_coefficients(feat_x, evecs_x, mass_x)
     B = spectral_coefficients(feat_y, evecs_y, mass_y)
     lhs = (A @ A.mT).unsqueeze(-3) + lam * torch.diag_embed(resolvent_mask(evals_x, evals_y, gamma))
     return torch.linalg.solve(lhs, (B @ A.mT).unsqueeze(-1)).squeeze(-1)
+
+
+def check_lam(lam: float) -> float:
+    """Raise unless ``lam`` (the weight of the functional-map prior) is a finite number >= 0."""
+    v = _real("lam", lam, "a number >= 0")
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"lam must be finite and >= 0, got {lam!r}")
+    return v
 
 
 def _pair(feat_x, feat_y) -> None:
@@ -182,6 +209,8 @@ def laplacian_commutativity_loss(fmap_xy: torch.Tensor, evals_x: torch.Tensor, e
         (...) the penalty.
     """
     _floating("fmap_xy", fmap_xy, 2)
+    _floating("evals_x", evals_x, 1)
+    _floating("evals_y", evals_y, 1)
     if evals_x.shape[-1] != fmap_xy.shape[-1] or evals_y.shape[-1] != fmap_xy.shape[-2]:
         raise ValueError(f"evals_x / evals_y have lengths {evals_x.shape[-1]} / {evals_y.shape[-1]}, expected "
                          f"{fmap_xy.shape[-1]} / {fmap_xy.shape[-2]} to match fmap_xy")
@@ -237,7 +266,19 @@ def nearest(queries: torch.Tensor, points: torch.Tensor, shift: torch.Tensor | N
 
     Returns:
         (s,) int64 indices into ``points``.
+
+    Raises:
+        ValueError: ``queries`` / ``points`` not (s, d) / (m, d) floating tensors of one d, or
+            ``shift`` not an (m,) floating tensor.
     """
+    for name, t in (("queries", queries), ("points", points)):
+        if _floating(name, t, 2).dim() != 2:
+            raise ValueError(f"{name} must have shape (rows, d), got {tuple(t.shape)}")
+    if queries.shape[1] != points.shape[1]:
+        raise ValueError(f"queries and points must have the same dimension d, got {tuple(queries.shape)} "
+                         f"and {tuple(points.shape)}")
+    if shift is not None and _floating("shift", shift, 1).shape != (points.shape[0],):
+        raise ValueError(f"shift must have shape ({points.shape[0]},) (one value per point), got {tuple(shift.shape)}")
     geom = PointCloud(queries.detach(), points.detach(), backend="torch")
     out = []
     for start in range(0, queries.shape[0], CHUNK):

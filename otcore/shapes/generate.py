@@ -31,7 +31,8 @@ import numpy as np
 import scipy.spatial
 import torch
 
-from otcore._validation import _real, check_max_iter
+from otcore._validation import _real, check_max_iter, check_positive
+from otcore.shapes._mesh import check_vertices
 
 SURFACES = ("sphere", "capsule", "torus")
 DEFORMATIONS = ("none", "bend", "stretch")
@@ -166,10 +167,12 @@ def canonical_mesh(surface: str = "capsule", *, n_vertices: int = 1000, seed: in
         surface; faces oriented with outward normals.
 
     Raises:
-        ValueError: an unknown ``surface``, ``n_vertices`` < 20, a bad ``seed``.
+        ValueError: an unknown ``surface``, ``n_vertices`` < 20, a bad ``seed`` or ``dtype``.
     """
     if surface not in SURFACES:
         raise ValueError(f"surface must be one of {SURFACES}, got {surface!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     n = check_max_iter("n_vertices", n_vertices, minimum=20)
     rng = np.random.default_rng(check_max_iter("seed", seed, minimum=0))
     rest, faces = _torus_mesh(n, rng) if surface == "torus" else _revolution_mesh(surface, n, rng)
@@ -179,6 +182,12 @@ def canonical_mesh(surface: str = "capsule", *, n_vertices: int = 1000, seed: in
 
 
 # ------------------------------------------------------------------------------- deformations
+def _check_axis(name: str, value) -> int:
+    if isinstance(value, bool) or value not in (0, 1, 2):
+        raise ValueError(f"{name} must be a coordinate index 0, 1 or 2, got {value!r}")
+    return int(value)
+
+
 def bend(vertices: torch.Tensor, *, radius: float, axis: int = 2, toward: int = 0) -> torch.Tensor:
     """Bend the line ``axis`` into a circle of radius ``radius`` curving towards ``toward``.
 
@@ -191,12 +200,17 @@ def bend(vertices: torch.Tensor, *, radius: float, axis: int = 2, toward: int = 
         vertices: (n, 3) positions; radius: R (> 0); axis, toward: two different coordinates.
 
     Returns:
-        (n, 3) bent positions.
+        (n, 3) bent positions, in the dtype and on the device of ``vertices``.
+
+    Raises:
+        ValueError: ``vertices`` not a finite floating (n, 3) tensor, ``radius`` not finite and
+            > 0, ``axis`` / ``toward`` not two different coordinates in 0..2.
     """
-    radius = _real("radius", radius, "a positive number")
-    if not radius > 0 or axis == toward or {axis, toward} - {0, 1, 2}:
-        raise ValueError(f"radius must be > 0 and axis, toward two different coordinates in 0..2, got "
-                         f"radius={radius!r}, axis={axis!r}, toward={toward!r}")
+    check_vertices(vertices)
+    radius = check_positive("radius", radius)
+    _check_axis("axis", axis)
+    if _check_axis("toward", toward) == axis:
+        raise ValueError(f"toward must differ from axis, got axis={axis!r}, toward={toward!r}")
     out = vertices.clone()
     t, x = vertices[:, axis], vertices[:, toward]
     out[:, toward] = radius - (radius - x) * torch.cos(t / radius)
@@ -207,12 +221,28 @@ def bend(vertices: torch.Tensor, *, radius: float, axis: int = 2, toward: int = 
 def stretch(vertices: torch.Tensor, *, strength: float, axis: int = 2) -> torch.Tensor:
     """A smooth non-isometric stretch: the coordinates across ``axis`` scaled by
     ``1 + strength * t / max|t|`` (one end thickened, the other thinned) and ``axis`` by
-    ``1 + strength / 2``; |strength| < 1."""
+    ``1 + strength / 2``; |strength| < 1.
+
+    Args:
+        vertices: (n, 3) positions, not all on the plane ``t = 0``; strength: in (-1, 1);
+        axis: the coordinate t (0..2).
+
+    Returns:
+        (n, 3) stretched positions, in the dtype and on the device of ``vertices``.
+
+    Raises:
+        ValueError: ``vertices`` not a finite floating (n, 3) tensor with some t != 0,
+            ``strength`` outside (-1, 1), ``axis`` not in 0..2.
+    """
+    check_vertices(vertices)
     strength = _real("strength", strength, "a number in (-1, 1)")
     if not abs(strength) < 1:
         raise ValueError(f"strength must lie in (-1, 1), got {strength!r}")
-    t = vertices[:, axis]
-    factor = 1 + strength * t / t.abs().max()
+    t = vertices[:, _check_axis("axis", axis)]
+    extent = t.abs().max()
+    if not bool(extent > 0):
+        raise ValueError(f"vertices all have coordinate {axis} (the axis) equal to 0: nothing to stretch along")
+    factor = 1 + strength * t / extent
     out = vertices * factor.unsqueeze(1)
     out[:, axis] = t * (1 + strength / 2)
     return out
@@ -238,13 +268,13 @@ def make_pair(surface: str = "capsule", *, n_vertices: int = 1000, deformation: 
         surface: ``"sphere"``, ``"capsule"`` or ``"torus"``.
         n_vertices: approximate number of vertices of x.
         deformation: ``"none"`` (rigid motion only), ``"bend"`` (near-isometric: the long axis,
-            z for sphere and capsule, x for the torus, bent by ``strength`` radians over the
+            z for sphere and capsule, x for the torus, bent by |``strength``| radians over the
             shape's extent; default pi / 2) or ``"stretch"`` (non-isometric, ``strength`` in
             (-1, 1); default 0.4).
-        strength: the deformation's size (see above).
+        strength: the deformation's size (see above); None with ``deformation="none"``.
         remesh: triangulate y anew (True) or shuffle the vertices of x's mesh (False).
         bumps: add the canonical surface's bumps (they break its symmetries).
-        seed: the pair's seed (remeshing, deformation sign, rigid motion).
+        seed: the pair's seed (remeshing, the vertex shuffle, rigid motion).
         dtype: floating dtype of the positions.
 
     Returns:
@@ -255,6 +285,8 @@ def make_pair(surface: str = "capsule", *, n_vertices: int = 1000, deformation: 
     """
     if deformation not in DEFORMATIONS:
         raise ValueError(f"deformation must be one of {DEFORMATIONS}, got {deformation!r}")
+    if deformation == "none" and strength is not None:
+        raise ValueError(f"strength is the size of a bend or stretch; deformation='none' takes none, got {strength!r}")
     seed = check_max_iter("seed", seed, minimum=0)
     vx, fx, rx = canonical_mesh(surface, n_vertices=n_vertices, seed=2 * seed, bumps=bumps, dtype=dtype)
     rng = np.random.default_rng(2 * seed + 1)
