@@ -38,13 +38,17 @@ def moments(s: torch.Tensor):
 
 
 def log_sinkhorn_value(C: torch.Tensor, eps: float, n_iter: int = 5000) -> torch.Tensor:
-    """Float64 reference: min <P, C> + eps KL(P || a x b), uniform weights, by log-domain Sinkhorn."""
+    """Float64 reference: min <P, C> + eps KL(P || a x b), uniform weights, by log-domain Sinkhorn
+    (until the potentials stop moving at float64 precision, at most ``n_iter`` sweeps)."""
     n, m = C.shape
     la, lb = torch.full((n,), -math.log(n), dtype=F64), torch.full((m,), -math.log(m), dtype=F64)
     f, g = torch.zeros(n, dtype=F64), torch.zeros(m, dtype=F64)
     for _ in range(n_iter):
+        f_old = f
         f = -eps * torch.logsumexp(lb[None] + (g[None] - C) / eps, dim=1)
         g = -eps * torch.logsumexp(la[:, None] + (f[:, None] - C) / eps, dim=0)
+        if float((f - f_old).abs().max()) < 1e-14 * max(1.0, float(C.abs().max())):
+            break
     logP = la[:, None] + lb[None] + (f[:, None] + g[None] - C) / eps
     P = logP.exp()
     return (P * C).sum() + eps * (P * (logP - la[:, None] - lb[None])).sum()

@@ -138,11 +138,17 @@ class LightSB(torch.nn.Module):
         logits = self._component_logits(x).T  # (n, K)
         k = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(-1)
         noise = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
-        L = self._factor()[k]  # (n, d, d) or (n, d)
+        L = self._factor()
         if self.covariance == "diagonal":
+            L = L[k]  # (n, d)
             return self.r[k] + L * (L * x + math.sqrt(self.eps) * noise)
-        inner = (L.mT @ x[..., None]).squeeze(-1) + math.sqrt(self.eps) * noise
-        return self.r[k] + (L @ inner[..., None]).squeeze(-1)
+        # rows grouped by component: K matmuls instead of an (n, d, d) gather of the factors
+        y = torch.empty_like(x)
+        counts = torch.bincount(k, minlength=self.n_components).tolist()
+        for component, rows in enumerate(torch.argsort(k).split(counts)):
+            inner = x[rows] @ L[component] + math.sqrt(self.eps) * noise[rows]
+            y[rows] = self.r[component] + inner @ L[component].mT
+        return y
 
     @torch.no_grad()
     def trajectory(self, x: torch.Tensor, n_steps: int = 100, *, seed: int | None = None) -> torch.Tensor:
@@ -198,7 +204,9 @@ class LightSB(torch.nn.Module):
         Args:
             x: (n, d) source samples, or a sampler ``k -> (k, d)`` tensor; y: target, likewise.
                 The model moves to their device and dtype.
-            n_steps: Adam steps (default ``2000 + 100 d``); batch_size: points per batch and side.
+            n_steps: Adam steps (default 2000: at the metric's sampling floor on the Gaussian
+                benchmark from d = 2 to 64, see ``examples/schrodinger_bridge.py``);
+                batch_size: points per batch and side.
             lr: base step size (> 0).
             seed: seeds the batches and the initialisation (a local generator; the global RNG
                 when None). Samplers draw with their own randomness.
@@ -208,12 +216,17 @@ class LightSB(torch.nn.Module):
                 ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it when
                 it exists (with tensors as data, the resumed run repeats the uninterrupted one).
 
-        Speed: about 1 ms per step at d = 2 and 5 ms at d = 16 on one CPU thread (defaults).
+        Samplers (fresh samples at every batch) are preferable to fixed tensors when they exist:
+        with 20 000 fixed samples at d = 64 and eps = 0.1 the fitted plan drifts towards the
+        empirical measures' (cBW2-UVP 2-4 % instead of 0.2 %).
+
+        Speed: about 0.7 ms per step at d = 2, 0.9 ms at d = 16 and 3.5 ms at d = 64 on one CPU
+        thread (defaults: 2 000 steps take 2 s at d = 16).
 
         Returns:
             self (in eval mode).
         """
-        n_steps = 2000 + 100 * self.dim if n_steps is None else check_max_iter("n_steps", n_steps)
+        n_steps = 2000 if n_steps is None else check_max_iter("n_steps", n_steps)
         batch_size = check_max_iter("batch_size", batch_size, minimum=2)
         lr = check_positive("lr", lr)
         gen = seeded_generator(seed)
