@@ -18,9 +18,16 @@ $(VENV)/.peers: $(VENV)/.asv
 	$(PY) -m pip install -q geomloss regot scikit-learn
 	touch $@
 
-.PHONY: demo test test-all bench bench-check
+$(VENV)/.lint: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[lint]"
+	touch $@
+
+.PHONY: demo test test-all lint bench bench-check
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
+
+lint: $(VENV)/.lint
+	$(VENV)/bin/ruff check otcore kernels tests benchmarks examples
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -170,6 +170,11 @@ def test_show_config_reports_versions_and_backends(capsys):
     expected = "triton" if DEV.type == "cuda" else "torch"
     assert config["backends"]["PointCloud sqeuclidean/euclidean"] == expected
     assert config["backends"]["PointCloud p-norm"] == "torch"
+    import numpy
+    import ot
+    import scipy
+    assert (config["numpy"], config["scipy"]) == (numpy.__version__, scipy.__version__)
+    assert config["POT"].startswith(ot.__version__) and config["torch threads"] == torch.get_num_threads()
 
 
 def test_import_does_no_triton_work():

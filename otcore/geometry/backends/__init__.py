@@ -78,18 +78,33 @@ def _log_fallback(reason: str) -> None:
     _log.warning("otcore: Triton kernels unavailable (%s); using the torch backend", reason)
 
 
+def _version(distribution: str) -> str:
+    """The installed version of a distribution, or "not installed"."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def show_config(file=None) -> dict[str, object]:
     """Print (to ``file``, default stdout) and return what otcore will run on this machine.
 
-    The ``backends`` entry says which implementation ``backend="auto"`` selects for float32
-    tensors on the default device (CUDA when present, else CPU): ``"triton"`` (fused kernels) or
-    ``"torch"`` (blocked torch).
+    Versions (otcore, Python, torch, NumPy, SciPy, POT, Triton or why it does not import), torch's
+    thread count (small problems on a busy CPU run faster with one thread), the device, and in
+    ``backends`` which implementation ``backend="auto"`` selects for float32 tensors on the
+    default device (CUDA when present, else CPU): ``"triton"`` (fused kernels) or ``"torch"``
+    (blocked torch).
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pnorm = "no Triton kernel for p-norm costs"
     config: dict[str, object] = {
         "otcore": metadata.version("otcore"),
+        "python": sys.version.split()[0],
         "torch": torch.__version__,
+        "numpy": _version("numpy"),
+        "scipy": _version("scipy"),
+        "POT": _version("POT"),
+        "torch threads": torch.get_num_threads(),
         "triton": triton_version() or triton_import_error(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "triton interpreter (TRITON_INTERPRET)": interpreting(),
