@@ -19,6 +19,10 @@ class _Plan:
     a: torch.Tensor
     b: torch.Tensor
 
+    def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and column sums of the plan, (B, n) and (B, m)."""
+        raise NotImplementedError
+
     def marginal_error(self) -> torch.Tensor:
         """|P 1 - a|_1 + |P^T 1 - b|_1 per problem: (B,)."""
         r, c = self.marginals()

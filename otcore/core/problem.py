@@ -91,10 +91,9 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True) -> Pro
                 raise ValueError(f"{name} has batch size {w.shape[0]} but the cost has {Bg}")
             batch = max(batch, w.shape[0])
     geom = geom.broadcast_to(batch)
-    like = {"batch": batch, "dtype": compute, "device": geom.device, "validate": validate}
     rtol = mass_rtol(compute, *(w.dtype for w in (a, b) if torch.is_tensor(w) and w.is_floating_point()))  # the weights' own precision
-    a = prepare_weights("a", a, n=n, **like)
-    b = prepare_weights("b", b, n=m, **like)
+    a = prepare_weights("a", a, n=n, batch=batch, dtype=compute, device=geom.device, validate=validate)
+    b = prepare_weights("b", b, n=m, batch=batch, dtype=compute, device=geom.device, validate=validate)
     if balanced:
         ma, mb = geom.total(a, 0), geom.total(b, 1)
         if validate:

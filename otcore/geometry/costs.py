@@ -40,7 +40,7 @@ def pairwise_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> torch.
         return squared_distances(x, y)
     if cost == "euclidean":
         return _safe_sqrt(squared_distances(x, y))
-    return torch.cdist(x, y, p=cost)
+    return torch.cdist(x, y, p=float(cost))
 
 
 def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:

@@ -137,7 +137,7 @@ def divergence_and_potentials(
         return (f_new, g_new, px_new, py_new), error, kept
 
     zeros_n, zeros_m = torch.zeros_like(wa), torch.zeros_like(wb)
-    start = (zeros_n,) if identical else (zeros_n, zeros_m, zeros_n, zeros_m)
+    start: tuple[torch.Tensor, ...] = (zeros_n,) if identical else (zeros_n, zeros_m, zeros_n, zeros_m)
     if init is not None:
         if len(init) != len(start) or any(t.shape != s.shape for t, s in zip(init, start, strict=False)):
             raise ValueError(f"init must be potentials of shapes {[tuple(s.shape) for s in start]}, got "
@@ -162,7 +162,7 @@ def divergence_and_potentials(
     ot_xx = dual_value(self_x, wa, wa, px, eps=eps)
     ot_yy = dual_value(self_y, wb, wb, py, eps=eps)
     value = ot_xy - 0.5 * ot_xx - 0.5 * ot_yy
-    if _positive_kernel(geom.cost):
+    if _positive_kernel(cost):
         value = value.clamp(min=0)  # S >= 0 in exact arithmetic: see the docstring
     potentials = tuple(t.detach() for t in outcome.state)
     return (value if problem.batched else value.squeeze(0)).to(problem.out_dtype), potentials

@@ -75,7 +75,7 @@ def progress(n_steps: int, enabled: bool | None, desc: str):
     tqdm = None
     if enabled is not False:
         try:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # type: ignore[no-redef]
         except ImportError:
             tqdm = None
     if enabled is None:
@@ -135,7 +135,7 @@ class Checkpoint:
                 obj.clear()
                 obj.update(value)
             else:
-                obj.load_state_dict(value)
+                obj.load_state_dict(value)  # type: ignore[attr-defined]  # a module, optimiser or scheduler
         return int(saved["step"])
 
     def after(self, step: int, n_steps: int) -> None:
@@ -145,14 +145,15 @@ class Checkpoint:
             self.save(done)
 
     def save(self, done: int) -> None:
-        states = {}
+        assert self.path is not None  # after() saves only with a path
+        states: dict[str, object] = {}
         for name, obj in self.state.items():
             if isinstance(obj, torch.Generator):
                 states[name] = obj.get_state()
             elif isinstance(obj, dict):
                 states[name] = dict(obj)
             else:
-                states[name] = obj.state_dict()
+                states[name] = obj.state_dict()  # type: ignore[attr-defined]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         torch.save({"step": done, "state": states}, tmp)

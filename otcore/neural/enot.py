@@ -240,11 +240,13 @@ class ENOT(torch.nn.Module):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for module in self.modules():
-                if module is not self and hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                reset = getattr(module, "reset_parameters", None)
+                if module is not self and callable(reset):
+                    reset()
         if self._default_drift:
-            torch.nn.init.zeros_(self.drift[-1].weight)
-            torch.nn.init.zeros_(self.drift[-1].bias)
+            last = self.drift[-1]  # type: ignore[index]  # the default drift is an mlp (Sequential)
+            torch.nn.init.zeros_(last.weight)
+            torch.nn.init.zeros_(last.bias)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, eps={self.eps}, n_sde_steps={self.n_sde_steps}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -147,7 +148,7 @@ def fit_monge_map(
     run = {"eps_fit": float(fit_relative_eps * mean_cost(yb, yb, "sqeuclidean")),
            "eps_gap": float(gap_relative_eps * mean_cost(xb, yb, parse_cost(cost)))}
     best: dict = {}
-    solver = {"max_iter": sinkhorn_iter, "warn": False, "validate": False}
+    solver: dict[str, Any] = {"max_iter": sinkhorn_iter, "warn": False, "validate": False}
 
     def objective(xs: torch.Tensor, ys: torch.Tensor, lam_now: float) -> torch.Tensor:
         Tx = model(xs)

@@ -97,7 +97,8 @@ def paired_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> torch.Te
         sq = diff.pow(2).sum(-1)
         positive = sq > 0
         return torch.where(positive, torch.where(positive, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
-    return diff.abs().pow(cost).sum(-1).pow(1 / cost)
+    p = float(cost)
+    return diff.abs().pow(p).sum(-1).pow(1 / p)
 
 
 def mean_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> float:
@@ -109,4 +110,4 @@ def mean_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> float:
     xb, yb = (x if x.dim() == 3 else x.unsqueeze(0)), (y if y.dim() == 3 else y.unsqueeze(0))
     if cost == "euclidean":
         return float(squared_distances(xb, yb).sqrt().mean())
-    return float(torch.cdist(xb, yb, p=cost).mean())
+    return float(torch.cdist(xb, yb, p=float(cost)).mean())

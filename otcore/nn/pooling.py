@@ -252,7 +252,7 @@ def zsr_loss(
         W = Xf.mT @ torch.linalg.solve(gram, E[labels[fit]])
         logits = scale * (X[predict] @ W) @ E.mT
         losses.append(torch.nn.functional.cross_entropy(logits, labels[predict], reduction="sum"))
-    return (sum(losses) / b).to(histograms.dtype)
+    return (torch.stack(losses).sum() / b).to(histograms.dtype)
 
 
 def k_center(vectors: torch.Tensor, k: int) -> torch.Tensor:

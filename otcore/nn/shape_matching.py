@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -235,7 +236,7 @@ class ShapeMatchingLoss(torch.nn.Module):
             raise ValueError(f"soft_map must be one of {SOFT_MAPS}, got {soft_map!r}")
         _generator(seed)  # raises on a bad seed; the seed itself is kept (an int: the same directions each call)
         self.weights = {name: float(w) for name, w in weights.items()}
-        self.options = {"lam": check_lam(lam), "gamma": check_positive("gamma", gamma), "soft_map": soft_map,
+        self.options: dict[str, Any] = {"lam": check_lam(lam), "gamma": check_positive("gamma", gamma), "soft_map": soft_map,
                         "tau": check_positive("tau", tau), "sigma": check_positive("sigma", sigma),
                         "n_iter": check_max_iter("n_iter", n_iter),
                         "n_projections": check_max_iter("n_projections", n_projections), "p": check_p(p), "seed": seed}

@@ -68,7 +68,8 @@ class SinkhornLoss(torch.nn.Module):
         else:
             scaling = None if init is not None else resolve_eps_scaling(self.eps_scaling, validate=self.validate)
             res = sinkhorn(PointCloud(x, y, cost=self.cost, backend=self.backend, validate=self.validate), a, b,
-                           eps=self.eps, tol=self.tol, max_iter=self.max_iter, grad="envelope", init=init,
+                           eps=self.eps, tol=self.tol, max_iter=self.max_iter, grad="envelope",
+                           init=None if init is None else (init[0], init[1]),
                            eps_scaling=scaling, validate=self.validate)
             value, potentials = res.value, (res.f, res.g)
         if self.warm_start:

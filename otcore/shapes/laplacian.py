@@ -129,6 +129,7 @@ def laplacian_basis(vertices: torch.Tensor, faces: torch.Tensor, k: int) -> Spec
     evecs = vecs @ coeffs
     peak = evecs[np.abs(evecs).argmax(axis=0), np.arange(k)]
     evecs = evecs * np.where(peak < 0, -1.0, 1.0)
-    out = {"dtype": vertices.dtype, "device": vertices.device}
-    return Spectrum(torch.from_numpy(np.maximum(evals, 0.0)).to(**out), torch.from_numpy(evecs).to(**out),
-                    torch.from_numpy(mass).to(**out))
+    def out(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(dtype=vertices.dtype, device=vertices.device)
+
+    return Spectrum(out(np.maximum(evals, 0.0)), out(evecs), out(mass))

@@ -118,7 +118,8 @@ def _prepare(x, y, a, b, p, validate: bool) -> tuple[Problem, torch.Tensor, torc
     problem = prepare_problem(PointCloud(x, y, backend="torch", validate=validate), a, b, balanced=True,
                               validate=validate)
     geom = problem.geom
-    return problem, geom.x.to(geom.dtype), geom.y.to(geom.dtype), p
+    xs, ys = geom.tensors
+    return problem, xs.to(geom.dtype), ys.to(geom.dtype), p
 
 
 def slice_costs(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor,

@@ -194,9 +194,9 @@ def run_sinkhorn(
     eps compute their softmins (``sinkhorn``); annealing iterations run in the log domain.
     """
     geom, a, b = problem.geom, problem.a, problem.b
-    if init is None:
-        B, n, m = geom.shape
-        init = tuple(torch.zeros(B, k, dtype=geom.dtype, device=geom.device) for k in (n, m))
+    B, n, m = geom.shape
+    start = init if init is not None else (torch.zeros(B, n, dtype=geom.dtype, device=geom.device),
+                                           torch.zeros(B, m, dtype=geom.dtype, device=geom.device))
 
     positive = a > 0
     zero_weight = not geom.validate or not bool(positive.all())  # validate=False: no host read
@@ -208,7 +208,7 @@ def run_sinkhorn(
         return (f_new, g_new), error, (refresh_zero_weight(positive, f, f_new) if zero_weight else f, g)
 
     # the first iteration's error is that of the initial (f, g), which is not a Sinkhorn iterate
-    return fixed_point_loop(step, init, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule, first_check=2,
+    return fixed_point_loop(step, start, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule, first_check=2,
                             check_every=check_every, callbacks=callbacks, host_reads=geom.validate)
 
 
