@@ -26,10 +26,19 @@ def _real(name: str, value, expected: str) -> float:
     return float(value)
 
 
+def check_tensor(name: str, t) -> None:
+    """Raise unless ``t`` is a torch.Tensor; for a NumPy array (or a list), say how to convert it."""
+    if torch.is_tensor(t):
+        return
+    hint = ""
+    if type(t).__module__ == "numpy" or isinstance(t, (list, tuple)):
+        hint = f" (otcore works on torch tensors: pass torch.as_tensor({name}), and .numpy() the results)"
+    raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}{hint}")
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise if ``t`` holds NaN or infinity."""
-    if not torch.is_tensor(t):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(name, t)
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf)")

@@ -164,3 +164,13 @@ def test_batched_result_repr():
     values = [float(v) for v in re.search(r"value=\[([^\]]+)\]", text).group(1).split(", ")]
     np.testing.assert_allclose(values, res.value.tolist(), rtol=1e-3)
     assert repr(otcore.emd(sqdist(X, Y))).endswith("converged=True)")  # no eps, no error for exact OT
+
+
+def test_numpy_inputs_are_refused_with_the_conversion_to_use():
+    C = np.random.default_rng(0).random((5, 4))
+    for call, name in ((lambda: otcore.sinkhorn(C, eps=0.1), "C"),
+                       (lambda: otcore.emd(C), "C"),
+                       (lambda: otcore.sinkhorn_divergence(C, C, eps=0.1), "x"),
+                       (lambda: otcore.PointCloud(torch.zeros(3, 2), [[0.0, 1.0]]), "y")):
+        with pytest.raises(ValueError, match=rf"{name} must be a torch.Tensor.*torch.as_tensor\({name}\)"):
+            call()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from otcore._validation import check_finite
+from otcore._validation import check_finite, check_tensor
 from otcore.geometry.backends import resolve_backend
 from otcore.geometry.base import Geometry
 from otcore.kernels.codes import COST_DENSE
@@ -25,8 +25,7 @@ class CostMatrix(Geometry):
     holds_costs = True
 
     def __init__(self, C: torch.Tensor, backend: str = "auto", *, validate: bool = True):
-        if not torch.is_tensor(C):
-            raise ValueError(f"C must be a torch.Tensor, got {type(C).__name__}")
+        check_tensor("C", C)
         if C.dim() not in (2, 3):
             raise ValueError(f"C must have shape (n, m) or (B, n, m), got {tuple(C.shape)}")
         if C.shape[-1] == 0 or C.shape[-2] == 0:

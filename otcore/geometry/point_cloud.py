@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from otcore._precision import HALF
-from otcore._validation import check_finite
+from otcore._validation import check_finite, check_tensor
 from otcore.geometry.backends import resolve_backend
 from otcore.geometry.base import Geometry
 from otcore.geometry.costs import pairwise_cost, parse_cost
@@ -54,8 +54,7 @@ class PointCloud(Geometry):
     def __init__(self, x: torch.Tensor, y: torch.Tensor, cost="sqeuclidean", backend: str = "auto", *,
                  validate: bool = True):
         for name, t in (("x", x), ("y", y)):
-            if not torch.is_tensor(t):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            check_tensor(name, t)
             if t.dim() not in (2, 3):
                 raise ValueError(f"{name} must have shape (n, d) or (B, n, d), got {tuple(t.shape)}")
             if 0 in t.shape[-2:]:
