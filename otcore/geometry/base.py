@@ -158,6 +158,13 @@ class Geometry(ABC):
         ends = torch_blocked.map_rows(self, _row_ends).amax(dim=1)
         return ends[:, 0] + ends[:, 1]
 
+    def mean_cost(self) -> torch.Tensor:
+        """Mean of C_ij over all pairs of each problem (B,), block by block without gradients
+        (sums over the sources through ``total``)."""
+        with torch.no_grad():
+            sums = torch_blocked.map_rows(self, _row_sums)
+            return self.total(sums, 0) / (self.total(torch.ones_like(sums), 0) * self.shape[2])
+
     def max_cost(self) -> torch.Tensor:
         """Largest |C_ij| of each problem (B,), computed block by block without gradients."""
         with torch.no_grad():
@@ -199,6 +206,10 @@ class Geometry(ABC):
         if not torch.is_grad_enabled():
             return False
         return any(t is not None and t.requires_grad for t in (*self.tensors, *others))
+
+
+def _row_sums(cost: torch.Tensor) -> torch.Tensor:
+    return cost.sum(dim=-1)
 
 
 def _abs_row_max(cost: torch.Tensor) -> torch.Tensor:

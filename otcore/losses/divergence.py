@@ -10,7 +10,7 @@ from otcore._validation import check_max_iter, check_positive, check_ratio, chec
 from otcore.core.loop import SinkhornProgress, fixed_point_loop, progress_callbacks, resolve_check_every
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.geometry import PointCloud
-from otcore.solvers.entropic.dual import default_tol, dual_value, eps_schedule, row_error
+from otcore.solvers.entropic.dual import absolute_eps, default_tol, dual_value, eps_schedule, row_error
 from otcore.solvers.entropic.scaling import stabilised_kernel
 from otcore.solvers.entropic.sinkhorn import GRAD_MODES, refresh_zero_weight, sinkhorn_step
 
@@ -35,6 +35,7 @@ def sinkhorn_divergence(
     verbose: bool = False,
     warn: bool = True,
     validate: bool = True,
+    relative_eps: str | None = None,
 ) -> torch.Tensor:
     """``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2`` between point clouds.
 
@@ -71,6 +72,7 @@ def sinkhorn_divergence(
             the annealing adds a few iterations.
         check_every, callback, verbose, warn, validate: as in ``sinkhorn``; the callback's
             ``error`` is the largest of the three terms' errors.
+        relative_eps: as in ``sinkhorn``, relative to the costs between x and y.
 
     Returns:
         () or (B,) tensor.
@@ -82,13 +84,13 @@ def sinkhorn_divergence(
     return divergence_and_potentials(
         x, y, a, b, eps=eps, cost=cost, backend=backend, tol=tol, max_iter=max_iter, grad=grad,
         eps_scaling=eps_scaling, check_every=check_every, callback=callback, verbose=verbose, warn=warn,
-        validate=validate)[0]
+        validate=validate, relative_eps=relative_eps)[0]
 
 
 def divergence_and_potentials(
     x, y, a=None, b=None, *, eps, cost="sqeuclidean", backend="auto", tol=None, max_iter=2000, grad="implicit",
     eps_scaling="auto", check_every=None, callback=None, verbose=False, warn=True, validate=True,
-    init: tuple[torch.Tensor, ...] | None = None,
+    init: tuple[torch.Tensor, ...] | None = None, relative_eps: str | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """``sinkhorn_divergence`` (same arguments), and the potentials it ended at: a warm start.
 
@@ -105,6 +107,7 @@ def divergence_and_potentials(
     cross = PointCloud(x, y, cost=cost, backend=backend, validate=validate)  # names x and y in its errors
     problem = prepare_problem(cross, a, b, balanced=True, validate=validate)
     geom, wa, wb = problem.geom, problem.a, problem.b
+    eps = absolute_eps(geom, eps, relative_eps)
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
     checks = resolve_check_every(check_every, geom.device)
     callbacks = progress_callbacks("sinkhorn_divergence", callback, verbose)

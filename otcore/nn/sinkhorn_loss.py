@@ -36,20 +36,21 @@ class SinkhornLoss(torch.nn.Module):
             dtype and device agree (and, debiased, whether x and y are the same measure).
         eps_scaling: annealing of cold starts, as in ``sinkhorn_divergence`` (``"auto"``: 0.5
             with validated inputs).
-        tol, max_iter, backend, validate: as in ``sinkhorn_divergence``.
+        tol, max_iter, backend, validate, relative_eps: as in ``sinkhorn_divergence``.
 
     ``reset()`` forgets the stored potentials.
     """
 
     def __init__(self, eps: float, *, cost="sqeuclidean", debias: bool = True, warm_start: bool = True,
                  eps_scaling: float | str | None = "auto", tol: float | None = None, max_iter: int = 2000,
-                 backend: str = "auto", validate: bool = True) -> None:
+                 backend: str = "auto", validate: bool = True, relative_eps: str | None = None) -> None:
         super().__init__()
         self.eps = check_positive("eps", eps)
         self.max_iter = check_max_iter("max_iter", max_iter)
         self.cost, self.debias, self.warm_start = cost, bool(debias), bool(warm_start)
         resolve_eps_scaling(eps_scaling, validate=validate)  # checked here, resolved per call
         self.eps_scaling, self.tol, self.backend, self.validate = eps_scaling, tol, backend, validate
+        self.relative_eps = relative_eps
         self._key: tuple | None = None
         self._potentials: tuple[torch.Tensor, ...] | None = None
 
@@ -64,13 +65,14 @@ class SinkhornLoss(torch.nn.Module):
         if self.debias:
             value, potentials = divergence_and_potentials(
                 x, y, a, b, eps=self.eps, cost=self.cost, backend=self.backend, tol=self.tol,
-                max_iter=self.max_iter, eps_scaling=self.eps_scaling, validate=self.validate, init=init)
+                max_iter=self.max_iter, eps_scaling=self.eps_scaling, validate=self.validate, init=init,
+                relative_eps=self.relative_eps)
         else:
             scaling = None if init is not None else resolve_eps_scaling(self.eps_scaling, validate=self.validate)
             res = sinkhorn(PointCloud(x, y, cost=self.cost, backend=self.backend, validate=self.validate), a, b,
                            eps=self.eps, tol=self.tol, max_iter=self.max_iter, grad="envelope",
                            init=None if init is None else (init[0], init[1]),
-                           eps_scaling=scaling, validate=self.validate)
+                           eps_scaling=scaling, validate=self.validate, relative_eps=self.relative_eps)
             value, potentials = res.value, (res.f, res.g)
         if self.warm_start:
             self._key, self._potentials = key, potentials

@@ -150,6 +150,26 @@ def certified(
     return converged & (error + slack <= tol), error
 
 
+RELATIVE_EPS = ("mean", "max")
+
+
+def absolute_eps(geom: Geometry, eps: float, relative: str | None) -> float:
+    """eps in the units of the cost: as given (``relative=None``), or times the mean cost
+    (``"mean"``, OTT-JAX's ``relative_epsilon="mean"``) or the largest |C_ij| (``"max"``) of the
+    problems, averaged over a batch. Reads one number on the host, and refuses ``validate=False``
+    geometries, which read nothing there."""
+    if relative is None:
+        return eps
+    if relative not in RELATIVE_EPS:
+        raise ValueError(f"relative_eps must be None or one of {RELATIVE_EPS}, got {relative!r}")
+    if not geom.validate:
+        raise ValueError("relative_eps reads the costs on the host: it needs validate=True")
+    scale = float((geom.mean_cost() if relative == "mean" else geom.max_cost()).mean())
+    if not scale > 0:
+        raise ValueError(f"relative_eps={relative!r} needs costs of positive {relative}, got {scale}")
+    return eps * scale
+
+
 def eps_schedule(geom: Geometry, eps: float, ratio: float | None) -> list[float]:
     """Annealed eps values max|C| ratio^t (> eps) that precede the target; empty for ``ratio=None``.
 

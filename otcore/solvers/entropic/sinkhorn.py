@@ -30,6 +30,7 @@ from otcore.core.plan import EntropicPlan
 from otcore.core.problem import Problem, prepare_problem, warn_not_converged
 from otcore.core.result import OTResult
 from otcore.solvers.entropic.dual import (
+    absolute_eps,
     certified,
     default_tol,
     dual_value,
@@ -64,6 +65,7 @@ def sinkhorn(
     implicit_rtol: float | None = None,
     implicit_max_iter: int = 1000,
     domain: str = "auto",
+    relative_eps: str | None = None,
 ) -> OTResult:
     """Entropic OT by Sinkhorn iterations on log potentials (log or scaling domain).
 
@@ -76,7 +78,8 @@ def sinkhorn(
         b: (m,) / (B, m) target weights (None: uniform 1/m). Balanced problems need equal masses.
             Masses are kept, not normalised: weights of total mass k give k times the plan of the
             normalised ones.
-        eps: entropic regularisation (> 0), in the units of the cost.
+        eps: entropic regularisation (> 0), in the units of the cost (or of its scale: see
+            ``relative_eps``).
         tau_a, tau_b: marginal relaxation in (0, 1]; 1 = hard constraint.
         max_iter: iteration cap (one iteration = an f- and a g-update).
         tol: stop when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (balanced; for unbalanced problems the
@@ -115,6 +118,10 @@ def sinkhorn(
             than every other iteration (eps small against the costs). Annealing iterations
             (``eps_scaling``) run in the log domain. Results agree to rounding.
 
+        relative_eps: None (default), ``"mean"`` or ``"max"``: ``eps`` is then a fraction of the
+            mean cost (OTT-JAX's ``relative_epsilon="mean"``) or of max |C|, averaged over a
+            batch; ``result.eps`` holds the absolute value used. Reads the costs on the host.
+
     Returns:
         ``OTResult`` (batched if any input was). ``info`` holds ``{"error": final residual (B,)}``
         and, where float32 potentials were large against eps (|f| + |g| > eps tol / (10 u)),
@@ -139,6 +146,7 @@ def sinkhorn(
     implicit_max_iter = check_max_iter("implicit_max_iter", implicit_max_iter, minimum=0)
     problem = prepare_problem(cost, a, b, balanced=tau_a == 1.0 and tau_b == 1.0, validate=validate)
     geom = problem.geom
+    eps = absolute_eps(geom, eps, relative_eps)
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
     rho_a, rho_b = rho_of(tau_a, eps), rho_of(tau_b, eps)
     check_every = resolve_check_every(check_every, geom.device)
