@@ -81,3 +81,15 @@ def test_gradient_in_a_zero_weight_padding_point_matches_finite_differences():
         values.append(float(otcore.sinkhorn_divergence(x, y, w, eps=1000.0, tol=1e-13, max_iter=100_000)))
     slope = (-3 * values[0] + 4 * values[1] - values[2]) / (2 * h)
     assert abs(float(grad[-1] - grad[0]) - slope) <= 1e-4 * abs(slope)
+
+
+def test_nearly_identical_clouds_converge_quickly():
+    """Where a minimised loss ends up: x against x + 1e-9 (10 points, eps = 0.1, float32) converges
+    in a few hundred iterations from the default start, for every seed tried (an annealed start
+    took 850 to 2000+ here). The pytest configuration turns a ConvergenceWarning into an error."""
+    for seed in range(30):
+        x = torch.randn(10, 2, generator=torch.Generator().manual_seed(seed))
+        iterations = []
+        value = otcore.sinkhorn_divergence(x, x + 1e-9, eps=0.1, max_iter=400,
+                                           callback=lambda p: iterations.append(p.iteration))
+        assert float(value) >= 0 and iterations[-1] < 400

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from otcore._validation import check_max_iter, check_positive
+from otcore._validation import check_max_iter, check_positive, check_ratio
 from otcore.geometry import PointCloud
-from otcore.losses.divergence import divergence_and_potentials, resolve_eps_scaling, same_measures
+from otcore.losses.divergence import divergence_and_potentials, same_measures
 from otcore.solvers.entropic.sinkhorn import sinkhorn
 
 
@@ -34,22 +34,21 @@ class SinkhornLoss(torch.nn.Module):
             for ``sinkhorn(...).value`` (OT_eps: <P, C> + eps KL(P || a x b)).
         warm_start: start each call from the potentials of the previous one when the shapes,
             dtype and device agree (and, debiased, whether x and y are the same measure).
-        eps_scaling: annealing of cold starts, as in ``sinkhorn_divergence`` (``"auto"``: 0.5
-            with validated inputs).
+        eps_scaling: annealing of cold starts, as in ``sinkhorn_divergence`` (off by default).
         tol, max_iter, backend, validate, relative_eps: as in ``sinkhorn_divergence``.
 
     ``reset()`` forgets the stored potentials.
     """
 
     def __init__(self, eps: float, *, cost="sqeuclidean", debias: bool = True, warm_start: bool = True,
-                 eps_scaling: float | str | None = "auto", tol: float | None = None, max_iter: int = 2000,
+                 eps_scaling: float | None = None, tol: float | None = None, max_iter: int = 2000,
                  backend: str = "auto", validate: bool = True, relative_eps: str | None = None) -> None:
         super().__init__()
         self.eps = check_positive("eps", eps)
         self.max_iter = check_max_iter("max_iter", max_iter)
         self.cost, self.debias, self.warm_start = cost, bool(debias), bool(warm_start)
-        resolve_eps_scaling(eps_scaling, validate=validate)  # checked here, resolved per call
-        self.eps_scaling, self.tol, self.backend, self.validate = eps_scaling, tol, backend, validate
+        self.eps_scaling = check_ratio("eps_scaling", eps_scaling)
+        self.tol, self.backend, self.validate = tol, backend, validate
         self.relative_eps = relative_eps
         self._key: tuple | None = None
         self._potentials: tuple[torch.Tensor, ...] | None = None
@@ -68,7 +67,7 @@ class SinkhornLoss(torch.nn.Module):
                 max_iter=self.max_iter, eps_scaling=self.eps_scaling, validate=self.validate, init=init,
                 relative_eps=self.relative_eps)
         else:
-            scaling = None if init is not None else resolve_eps_scaling(self.eps_scaling, validate=self.validate)
+            scaling = None if init is not None else self.eps_scaling
             res = sinkhorn(PointCloud(x, y, cost=self.cost, backend=self.backend, validate=self.validate), a, b,
                            eps=self.eps, tol=self.tol, max_iter=self.max_iter, grad="envelope",
                            init=None if init is None else (init[0], init[1]),
