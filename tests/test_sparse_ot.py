@@ -16,6 +16,7 @@ from conftest import F64, clouds, simplex, sqdist
 
 import otcore
 from otcore.solvers.projections import sparse_simplex_projection, top_k, top_k_by_max
+from otcore.solvers.sparse import _host_semi_dual, _scaled_cost, _semi_dual
 
 GAMMA = 0.1
 
@@ -334,3 +335,43 @@ def test_bad_inputs_raise(gen):
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         otcore.sparse_ot(bad, a, b, k=2)
+
+
+def test_host_semi_dual_equals_the_torch_objective(gen):
+    """The numpy evaluation L-BFGS uses on the CPU: the same value and gradient as ``_semi_dual``
+    (a zero-mass column, k = 1, k < n and k >= n)."""
+    C, a, _ = _problem(gen)
+    b = simplex(9, gen, zeros=1)
+    scaled = _scaled_cost(C[None], GAMMA)
+    for k in (1, 3, 12, 20):
+        negated = _host_semi_dual(scaled[0], a.numpy(), b.numpy(), gamma=GAMMA, k=k)
+        for _ in range(3):
+            alpha = C.amin(-1) + 0.1 * torch.randn(12, generator=gen, dtype=F64)
+            value, grad = _semi_dual(alpha[None], scaled, a[None], b[None], gamma=GAMMA, k=k, plan=False)[:2]
+            minus_value, minus_grad = negated(alpha.numpy())
+            assert minus_value == pytest.approx(-float(value), abs=1e-12)
+            np.testing.assert_allclose(minus_grad, -grad[0].numpy(), atol=1e-12)
+
+
+def test_typical_small_problems_converge_without_warning(gen):
+    """k = 4 on 100 x 100 (the asv problem's shape): no ConvergenceWarning by default; converged
+    means the objective rose by <= 1e-6 relatively over the last 10 iterations (info["gain"]),
+    and a run cut short is flagged, with its gain above that."""
+    for _ in range(4):
+        x, y = clouds(100, 100, 2, gen, shift=1.0)
+        C = sqdist(x, y * 0.9)
+        a, b = simplex(100, gen), simplex(100, gen)
+        gamma = 0.1 * float(C.mean())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            res = otcore.sparse_ot(C, a, b, k=4, gamma=gamma)
+        assert bool(res.converged) and float(res.info["gain"]) <= 1e-6
+        regul = ot.smooth.SparsityConstrained(max_nz=4, gamma=gamma)
+        values = [_quiet(ot.smooth.semi_dual_obj_grad, f.numpy(), a.numpy(), b.numpy(), C.numpy(), regul)[0]
+                  for f in (res.f, otcore.sparse_ot(C, a, b, k=4, gamma=gamma, max_iter=2000).f)]
+        assert values[1] - values[0] <= 1e-4 * abs(values[0])  # a run 4x longer gains little
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = otcore.sparse_ot(C, a, b, k=4, gamma=gamma, max_iter=5)
+    assert [w.category for w in caught] == [otcore.ConvergenceWarning]
+    assert not bool(res.converged) and float(res.info["gain"]) > 1e-6
