@@ -91,5 +91,5 @@ def test_nearly_identical_clouds_converge_quickly():
         x = torch.randn(10, 2, generator=torch.Generator().manual_seed(seed))
         iterations = []
         value = otcore.sinkhorn_divergence(x, x + 1e-9, eps=0.1, max_iter=400,
-                                           callback=lambda p: iterations.append(p.iteration))
+                                           callback=lambda p, seen=iterations: seen.append(p.iteration))
         assert float(value) >= 0 and iterations[-1] < 400

@@ -1,5 +1,6 @@
-"""Sinkhorn-Newton-Sparse against a converged Sinkhorn, a dense linear solve and the paper's case."""
+"""Sinkhorn-Newton-Sparse against a converged Sinkhorn, POT, a dense linear solve and the paper's case."""
 
+import ot
 import pytest
 import torch
 from conftest import F64, clouds, simplex, sqdist
@@ -9,7 +10,7 @@ from otcore.core.problem import prepare_problem
 from otcore.solvers.entropic.sns import _DualState, newton_direction
 
 
-@pytest.mark.parametrize("hessian", ["sparse", "dense"])
+@pytest.mark.parametrize("hessian", ["direct", "sparse", "dense"])
 def test_same_plan_as_converged_sinkhorn(gen, hessian):
     x, y = clouds(60, 50, 2, gen)
     C = sqdist(x, y)
@@ -33,6 +34,31 @@ def test_value_gradient_is_the_plan_and_implicit_matches_sinkhorn(gen):
     ref = otcore.sinkhorn(C, eps=0.02, tol=1e-12, max_iter=100_000)
     (gr,) = torch.autograd.grad((ref.plan * W).sum(), C)
     torch.testing.assert_close(gp, gr, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")  # POT takes log(a) of the zero weight
+@pytest.mark.parametrize("n, m", [(45, 30), (25, 40)])
+def test_direct_newton_matches_sparse_and_pot(gen, n, m):
+    """The direct (Cholesky) path, the sparse CG path and POT's log-domain Sinkhorn give one plan;
+    n < m takes the transposed elimination, a zero weight the empty-row guard."""
+    x, y = clouds(n, m, 2, gen)
+    C = sqdist(x, y)
+    a, b = simplex(n, gen), simplex(m, gen)
+    a[3] = 0.0
+    a = a / a.sum()
+    eps = 0.005 * float(C.max())
+    direct = otcore.sns(C, a, b, eps=eps, tol=1e-11, hessian="direct")
+    sparse = otcore.sns(C, a, b, eps=eps, tol=1e-11, hessian="sparse")
+    expected = ot.sinkhorn(a.numpy(), b.numpy(), C.numpy(), eps, method="sinkhorn_log", stopThr=1e-14,
+                           numItermax=200_000)
+    assert bool(direct.converged) and float(direct.marginal_error) <= 1e-11
+    assert int(direct.n_iter) == int(direct.info["sinkhorn_iter"]) + int(direct.info["newton_iter"][0])
+    assert (direct.plan - sparse.plan).abs().sum() <= 1e-9
+    assert (direct.plan - torch.from_numpy(expected)).abs().sum() <= 1e-9
+    torch.testing.assert_close(direct.value, sparse.value, rtol=1e-11, atol=1e-12)
+    # potentials up to the gauge (f + k, g - k)
+    pair = lambda res: (res.f[:, None] + res.g[None])[a > 0]
+    torch.testing.assert_close(pair(direct), pair(sparse), rtol=1e-8, atol=1e-10)
 
 
 def test_newton_direction_equals_dense_solve(gen):

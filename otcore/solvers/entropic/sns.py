@@ -34,10 +34,12 @@ from otcore.core.plan import DensePlan, EntropicPlan
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.core.result import OTResult
 from otcore.solvers.entropic.dual import certified, default_tol, dual_value
+from otcore.solvers.entropic.newton_direct import MU_DOWN, MU_MIN, MU_UP, RHO_HIGH, RHO_LOW, direct_newton
 from otcore.solvers.entropic.sinkhorn import refresh_zero_weight, run_sinkhorn
 
-STEPS = (1.0, 0.5, 0.25, 0.1)
-RHO_LOW, RHO_HIGH, MU_UP, MU_DOWN, MU_MIN, NU = 0.25, 0.75, 4.0, 0.5, 1e-6, 0.01
+STEPS, NU = (1.0, 0.5, 0.25, 0.1), 0.01
+#: ``hessian="auto"`` solves Newton systems directly when n m min(n, m) (the work of one step) is at most this
+DIRECT_MAX = 500**3
 
 
 class _DualState:
@@ -112,7 +114,7 @@ def sns(
     tol: float | None = None,
     max_iter: int = 500,
     sinkhorn_iter: int = 20,
-    hessian: str = "sparse",
+    hessian: str = "auto",
     grad: str = "implicit",
     cg_rtol: float | None = None,
     cg_max_iter: int = 500,
@@ -133,9 +135,12 @@ def sns(
             that they stayed finite).
         max_iter: cap on all iterations (Sinkhorn warm-up + Newton).
         sinkhorn_iter: warm-up Sinkhorn iterations (it stops early if already converged).
-        hessian: ``"sparse"`` (materialise P each step and drop small entries; CPU default) or
-            ``"dense"`` (Hessian-free: every CG product is a pass over the geometry, O(n + m)
-            memory; suits GPUs and point clouds).
+        hessian: ``"direct"`` (materialise P and solve each Newton system with the exact Hessian
+            by Cholesky on its Schur complement, ``newton_direct``: O(n m min(n, m)) per step,
+            a few kernels, no inner iterations), ``"sparse"`` (materialise P each step, drop
+            small entries, conjugate gradient), ``"dense"`` (Hessian-free CG: every product is a
+            pass over the geometry, O(n + m) memory; suits GPUs and point clouds) or ``"auto"``
+            (``"direct"`` when n m min(n, m) <= ``DIRECT_MAX``, else ``"sparse"``).
         grad: ``"implicit"`` or ``"envelope"`` as in ``sinkhorn`` (the fixed point is the same;
             ``"unroll"`` is not offered: CG and sparsification are not differentiated).
         cg_rtol, cg_max_iter: inner conjugate-gradient settings of the Newton steps (``cg_rtol``
@@ -149,8 +154,8 @@ def sns(
         ``{"sinkhorn_iter": ..., "newton_iter": ..., "error": ...}`` (per problem).
     """
     eps = check_positive("eps", eps)
-    if hessian not in ("sparse", "dense"):
-        raise ValueError(f"hessian must be 'sparse' or 'dense', got {hessian!r}")
+    if hessian not in ("auto", "direct", "sparse", "dense"):
+        raise ValueError(f"hessian must be 'auto', 'direct', 'sparse' or 'dense', got {hessian!r}")
     if grad not in ("implicit", "envelope"):
         raise ValueError(f"grad must be 'implicit' or 'envelope' for sns, got {grad!r}")
     max_iter = check_max_iter("max_iter", max_iter)
@@ -159,60 +164,34 @@ def sns(
     geom, a, b = problem.geom, problem.a, problem.b
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
     cg_rtol = default_rtol(geom.dtype) if cg_rtol is None else check_positive("cg_rtol", cg_rtol)
-    B, n, m = geom.shape
+    _, n, m = geom.shape
 
     with torch.no_grad():
         warm = run_sinkhorn(problem, eps=eps, tol=tol, max_iter=max(1, min(sinkhorn_iter, max_iter)))
         f, g = warm.state
         n_sinkhorn = warm.n_iter
-        C = geom.materialize().detach() if hessian == "sparse" else None
-        state = _DualState(geom, C, a, b, f, g, eps)
-        mu = torch.ones(B, dtype=geom.dtype, device=geom.device)
-        active = state.error > tol
-        n_newton = torch.zeros(B, dtype=torch.int64, device=geom.device)
-        budget = max_iter - int(n_sinkhorn.max())
-        for _ in range(max(0, budget)):
-            if not bool(active.any()):
-                break
-            norm = geom.pair_dot(state.grad, state.grad).sqrt()
-            # inexact Newton: the forcing term min(0.1, sqrt|grad|) keeps superlinear convergence
-            forcing = max(cg_rtol, min(0.1, math.sqrt(float(norm[active].max()))))
-            d, matvec = newton_direction(state, geom, a, b, eps, mu * norm, NU * norm / m,
-                                         rtol=forcing, max_iter=cg_max_iter)
-            noise = 64 * torch.finfo(geom.dtype).eps * (state.value.abs() + eps)
-            slope = geom.pair_dot(state.grad, d)
-            curvature = geom.pair_dot(d, matvec(d))
-            best, best_step = state, torch.zeros_like(mu)
-            for step in STEPS:
-                trial = _DualState(geom, C, a, b, state.f + step * d[:, :n], state.g + step * d[:, n:], eps)
-                # near the optimum D changes below its rounding noise: then the marginal error decides
-                level = trial.value >= state.value - noise
-                gain = (trial.value > state.value + noise) | (level & (trial.error < state.error))
-                better = active & (best_step == 0) & gain & torch.isfinite(trial.value)
-                best = _select(better, trial, best)
-                best_step = torch.where(better, step, best_step)
-                if bool((best_step > 0)[active].all()):
-                    break
-            predicted = best_step * slope - 0.5 * best_step**2 * curvature
-            ratio = torch.where(predicted > noise, (best.value - state.value) / predicted, -1.0)
-            ratio = torch.where((predicted <= noise) & (best_step > 0), 1.0, ratio)
-            mu = torch.where(ratio < RHO_LOW, mu * MU_UP, torch.where(ratio > RHO_HIGH, (mu * MU_DOWN).clamp_min(MU_MIN), mu))
-            n_newton = n_newton + active.long()
-            state = best
-            active = active & (state.error > tol) & torch.isfinite(state.error)
-        f, g = state.f, state.g
+        if hessian == "auto":
+            hessian = "direct" if n * m * min(n, m) <= DIRECT_MAX else "sparse"
+        budget = max(0, max_iter - int(n_sinkhorn.max()))
+        if hessian == "direct":
+            f, g, error, n_newton = direct_newton(geom.materialize().detach(), a, b, f, g, eps, tol=tol,
+                                                  max_iter=budget)
+        else:
+            f, g, error, n_newton = _iterative_newton(geom, a, b, f, g, eps, tol=tol, max_iter=budget,
+                                                      sparse=hessian == "sparse", cg_rtol=cg_rtol,
+                                                      cg_max_iter=cg_max_iter)
         if bool((a == 0).any() or (b == 0).any()):
             # zero-weight points: their potentials take no part in Newton's system; as in
             # sinkhorn, return their c-transforms (what the weights' derivatives read)
             f = refresh_zero_weight(a > 0, f, geom.softmin(g, eps, b, axis=1))
             g = refresh_zero_weight(b > 0, g, geom.softmin(f, eps, a, axis=0))
-        finite = torch.isfinite(state.error)
-        converged = state.error <= tol if tol > 0 else finite  # tol=0: max_iter Newton steps, as in sinkhorn
+        finite = torch.isfinite(error)
+        converged = error <= tol if tol > 0 else finite  # tol=0: max_iter Newton steps, as in sinkhorn
     converged, error64 = certified(geom, a, b, f, g, eps=eps, rho_a=math.inf, rho_b=math.inf, tol=tol,
                                    converged=converged)
     value = dual_value(geom, a, b, g, eps=eps)
     overflow = problem.output_overflow(f, g, value)
-    imprecise = None if error64 is None else (state.error <= tol) & ~converged
+    imprecise = None if error64 is None else (error <= tol) & ~converged
     converged = converged & ~overflow
     if warn:
         warn_not_converged("sns", converged=converged, max_iter=max_iter, causes={
@@ -223,11 +202,51 @@ def sns(
     point = FixedPoint(geom=geom, a=a, b=b, eps=eps)
     if grad == "implicit" and needs_implicit(point):
         f, g = implicit_potentials(point, f, g)
-    info = {"sinkhorn_iter": n_sinkhorn, "newton_iter": n_newton, "error": state.error}
+    info = {"sinkhorn_iter": n_sinkhorn, "newton_iter": n_newton, "error": error}
     if error64 is not None:
         info["error_float64"] = error64
     return problem.result(f=f, g=g, value=value, n_iter=n_sinkhorn + n_newton, converged=converged,
                           operator=EntropicPlan(geom, a, b, f, g, eps), eps=eps, info=info)
+
+
+def _iterative_newton(geom, a, b, f, g, eps, *, tol, max_iter, sparse, cg_rtol, cg_max_iter):
+    """Newton steps solved by conjugate gradient (``hessian`` "sparse" or "dense"): (f, g, error, iterations)."""
+    C = geom.materialize().detach() if sparse else None
+    B, n, m = geom.shape
+    state = _DualState(geom, C, a, b, f, g, eps)
+    mu = torch.ones(B, dtype=geom.dtype, device=geom.device)
+    active = state.error > tol
+    n_newton = torch.zeros(B, dtype=torch.int64, device=geom.device)
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        norm = geom.pair_dot(state.grad, state.grad).sqrt()
+        # inexact Newton: the forcing term min(0.1, sqrt|grad|) keeps superlinear convergence
+        forcing = max(cg_rtol, min(0.1, math.sqrt(float(norm[active].max()))))
+        d, matvec = newton_direction(state, geom, a, b, eps, mu * norm, NU * norm / m,
+                                     rtol=forcing, max_iter=cg_max_iter)
+        noise = 64 * torch.finfo(geom.dtype).eps * (state.value.abs() + eps)
+        slope = geom.pair_dot(state.grad, d)
+        curvature = geom.pair_dot(d, matvec(d))
+        best, best_step = state, torch.zeros_like(mu)
+        for step in STEPS:
+            trial = _DualState(geom, C, a, b, state.f + step * d[:, :n], state.g + step * d[:, n:], eps)
+            # near the optimum D changes below its rounding noise: then the marginal error decides
+            level = trial.value >= state.value - noise
+            gain = (trial.value > state.value + noise) | (level & (trial.error < state.error))
+            better = active & (best_step == 0) & gain & torch.isfinite(trial.value)
+            best = _select(better, trial, best)
+            best_step = torch.where(better, step, best_step)
+            if bool((best_step > 0)[active].all()):
+                break
+        predicted = best_step * slope - 0.5 * best_step**2 * curvature
+        ratio = torch.where(predicted > noise, (best.value - state.value) / predicted, -1.0)
+        ratio = torch.where((predicted <= noise) & (best_step > 0), 1.0, ratio)
+        mu = torch.where(ratio < RHO_LOW, mu * MU_UP, torch.where(ratio > RHO_HIGH, (mu * MU_DOWN).clamp_min(MU_MIN), mu))
+        n_newton = n_newton + active.long()
+        state = best
+        active = active & (state.error > tol) & torch.isfinite(state.error)
+    return state.f, state.g, state.error, n_newton
 
 
 def _select(mask: torch.Tensor, new: _DualState, old: _DualState) -> _DualState:
