@@ -42,6 +42,10 @@ class Geometry(ABC):
     validate: bool = True
     #: dtype of the computation when it differs from the tensors' (half tensors on Triton).
     _compute_dtype: torch.dtype | None = None
+    #: True when this process holds only a shard of the points (``otcore.distributed``): the
+    #: geometry's ``softmin``, ``kernel_apply`` and ``total`` reduce across processes, so a solver
+    #: must reduce over points only through them (no local matrix product over a sharded axis).
+    sharded: bool = False
 
     # ----------------------------------------------------------------- subclass interface
     @property

@@ -78,12 +78,14 @@ def stabilised_kernel(geom: Geometry, eps: float, domain: str) -> StabilisedKern
 def scaling_unavailable(geom: Geometry, eps: float, *, grad_enabled: bool) -> str | None:
     """Why the scaling domain cannot run this solve (None when it can).
 
-    It needs no autograd graph (the kernel is built without gradients), a float32 or float64
-    geometry, eps below the costs' range (``cost_range``: above it the log domain's centred
-    softmin keeps digits a product with K~ rounds away; never with ``validate=False``, which
-    reads nothing on the host, while absorption reads one number per half-step) and a kernel
-    within ``DENSE_BUDGET_BYTES``.
+    It needs a geometry held whole by this process (not ``sharded``), no autograd graph (the
+    kernel is built without gradients), a float32 or float64 geometry, eps below the costs'
+    range (``cost_range``: above it the log domain's centred softmin keeps digits a product
+    with K~ rounds away; never with ``validate=False``, which reads nothing on the host, while
+    absorption reads one number per half-step) and a kernel within ``DENSE_BUDGET_BYTES``.
     """
+    if geom.sharded:
+        return "the geometry is sharded across processes (a product with K~ would sum over this process's rows only)"
     if grad_enabled:
         return "gradients are recorded (grad='unroll')"
     if geom.dtype not in THRESHOLDS:
