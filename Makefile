@@ -22,12 +22,21 @@ $(VENV)/.lint: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[lint]"
 	touch $@
 
-.PHONY: demo test test-all lint bench bench-check
+$(VENV)/.docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+.PHONY: demo test test-all lint docs bench bench-check
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
 lint: $(VENV)/.lint
 	$(VENV)/bin/ruff check otcore kernels tests benchmarks examples
+
+# HTML from the docstrings into docs/_build/html, warnings as errors; -E: every page is read again,
+# so a warning is never hidden by the previous build. The examples are listed, not executed.
+docs: $(VENV)/.docs
+	$(PY) -m sphinx -E -W --keep-going -q -b html -d docs/_build/doctrees docs docs/_build/html
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
