@@ -32,6 +32,7 @@ demo: $(VENV)/.installed
 
 lint: $(VENV)/.lint
 	$(VENV)/bin/ruff check otcore kernels tests benchmarks examples
+	$(VENV)/bin/mypy  # otcore/, configured in pyproject.toml
 
 # HTML from the docstrings into docs/_build/html, warnings as errors; -E: every page is read again,
 # so a warning is never hidden by the previous build. The examples are listed, not executed.

@@ -26,6 +26,8 @@ References:
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 
@@ -125,11 +127,12 @@ class RowSharded(Geometry):
         for k, name in enumerate(_FIELDS):
             values = [r[k] for r in ranks]
             if len(set(values)) > 1:
+                shown: list = values
                 if name == "dtype":
-                    values = [str(_DTYPES[v]) for v in values]
+                    shown = [str(_DTYPES[v]) for v in values]
                 elif name == "geometry type":
-                    values = [("PointCloud", "CostMatrix")[v] for v in values]
-                raise ValueError(f"geom: the ranks' geometries differ in their {name} (by rank: {values}); "
+                    shown = [("PointCloud", "CostMatrix")[v] for v in values]
+                raise ValueError(f"geom: the ranks' geometries differ in their {name} (by rank: {shown}); "
                                  "RowSharded needs everything but the number of rows to be the same on every rank")
 
     # ----------------------------------------------------------------- this rank's geometry
@@ -138,7 +141,8 @@ class RowSharded(Geometry):
         the global ``cost_range`` (its softmin then takes the same path on every rank)."""
         inner = self.inner
         tensors = inner.tensors
-        entered = tuple(enter_shard(t, self.group) if k in self._replicated else t for k, t in enumerate(tensors))
+        entered = tuple(cast(torch.Tensor, enter_shard(t, self.group)) if k in self._replicated else t
+                        for k, t in enumerate(tensors))
         if any(e is not t for e, t in zip(entered, tensors, strict=True)):
             inner = inner.with_tensors(*entered)
         return inner._replace(_cost_range=self.cost_range()) if self.validate else inner

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from typing import TypeVar
 
 import torch
+from typing_extensions import Self
 
 from otcore._precision import upcast
 from otcore.geometry.backends import IMPLEMENTATIONS, torch_blocked
+
+G = TypeVar("G", bound="Geometry")
 
 
 class Geometry(ABC):
@@ -71,7 +75,7 @@ class Geometry(ABC):
         """
 
     @abstractmethod
-    def with_tensors(self, *tensors: torch.Tensor) -> Geometry:
+    def with_tensors(self: G, *tensors: torch.Tensor) -> G:
         """The same kind of geometry built on other tensors (same order as ``tensors``)."""
 
     @abstractmethod
@@ -175,19 +179,19 @@ class Geometry(ABC):
             return torch_blocked.map_rows(self, _abs_row_max).amax(dim=-1)
 
     # ----------------------------------------------------------------- shared machinery
-    def _replace(self, **fields) -> Geometry:
+    def _replace(self, **fields) -> Self:
         new = copy.copy(self)
         new.__dict__.pop("_cost_range", None)
         new.__dict__.update(fields)
         return new
 
-    def broadcast_to(self, batch: int) -> Geometry:
+    def broadcast_to(self, batch: int) -> Self:
         """The same geometry expanded (as a view) to ``batch`` problems."""
         if self.shape[0] == batch:
             return self
         return self.with_tensors(*(t.expand(batch, *t.shape[1:]) for t in self.tensors))
 
-    def to_dtype(self, dtype: torch.dtype) -> Geometry:
+    def to_dtype(self, dtype: torch.dtype) -> Self:
         """The same geometry computed in ``dtype`` (half tensors stay as they are on Triton)."""
         if self.dtype == dtype:
             return self

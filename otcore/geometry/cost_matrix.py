@@ -47,7 +47,8 @@ class CostMatrix(Geometry):
     def tensors(self):
         return (self.C,)
 
-    def with_tensors(self, C: torch.Tensor) -> CostMatrix:
+    def with_tensors(self, *tensors: torch.Tensor) -> CostMatrix:
+        (C,) = tensors
         return self._replace(C=C)
 
     def cost_rows(self, rows, transpose=False):

@@ -108,7 +108,8 @@ class PointCloud(Geometry):
             return converted.with_tensors(*_centred(converted.x, converted.y, grid=self.x.dtype))
         return converted
 
-    def with_tensors(self, x: torch.Tensor, y: torch.Tensor) -> PointCloud:
+    def with_tensors(self, *tensors: torch.Tensor) -> PointCloud:
+        x, y = tensors
         return self._replace(x=x, y=y)
 
     def cost_rows(self, rows, transpose=False):

@@ -48,13 +48,15 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
         gs.append(log["v"])
         costs.append(log["cost"])
         ok.append(log["result_code"] == 1)
-    like = {"dtype": C.dtype, "device": C.device}
-    plan = torch.as_tensor(plans[0][None] if B == 1 else np.stack(plans), **like)  # one problem: no copy
-    f = torch.as_tensor(np.stack(fs), **like)
-    g = torch.as_tensor(np.stack(gs), **like)
+    def like(array) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=C.dtype, device=C.device)
+
+    plan = like(plans[0][None] if B == 1 else np.stack(plans))  # one problem: no copy
+    f = like(np.stack(fs))
+    g = like(np.stack(gs))
     # <P*, C> with the optimal plan held fixed (the simplex's own sum when C needs no gradient),
     # plus first-order terms in the weights (duals)
-    cost = (plan * C).sum((-2, -1)) if C.requires_grad else torch.as_tensor(costs, **like)
+    cost = (plan * C).sum((-2, -1)) if C.requires_grad else like(costs)
     value = cost + ((a - a.detach()) * f).sum(-1) + ((b - b.detach()) * g).sum(-1)
     overflow = problem.output_overflow(f, g, value)
     converged = torch.tensor(ok, device=C.device) & ~overflow

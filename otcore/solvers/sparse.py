@@ -275,8 +275,8 @@ def _host_semi_dual(scaled: torch.Tensor, a: np.ndarray, b: np.ndarray, *, gamma
     mass = b[:, None]
 
     def negated(alpha: np.ndarray):
-        values, index = torch.topk(torch.from_numpy(alpha / gamma).sub(scaled), min(k, n), dim=-1)
-        values, index = values.numpy(), index.numpy()  # (m, k), descending
+        top = torch.topk(torch.from_numpy(alpha / gamma).sub(scaled), min(k, n), dim=-1)
+        values, index = top.values.numpy(), top.indices.numpy()  # (m, k), descending
         theta = ((values.cumsum(-1) - mass) / ranks).max(-1)  # as simplex_projection_sorted
         t = np.maximum(values - theta[:, None], 0.0)
         value = a @ alpha - gamma * (theta @ b + 0.5 * np.vdot(t, t))
@@ -371,7 +371,7 @@ def _marginal_error(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tor
     return (plan.sum(-1) - a).abs().sum(-1) + (plan.sum(-2) - b).abs().sum(-1)
 
 
-def _hessian(M: torch.Tensor, gamma: float, *, semi: bool, shift: float = 0.0):
+def _hessian(M: torch.Tensor, gamma: float, *, semi: bool, shift: float = 0.0) -> tuple[Callable, Callable | None]:
     """Minus the Hessian H of the objective with the plan's support M (B, n, m) held fixed, as
     ``(matvec, project)``: H v on (B, N), and the projection onto the range of H (off the gauge).
 
@@ -431,6 +431,7 @@ def _newton_polish(objective: Objective, x, scaled, a, b, *, gamma: float, k: in
     active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(_NEWTON_STEPS):
         value, grad, plan = objective(x, scaled, a, b, gamma=gamma, k=k)[:3]
+        assert plan is not None  # plan=True
         error = _marginal_error(plan, a, b)
         active = active & (error > tol)
         if not bool(active.any()):
@@ -443,6 +444,7 @@ def _newton_polish(objective: Objective, x, scaled, a, b, *, gamma: float, k: in
             t = 0.5**j
             trial = x + t * step
             value_t, _, plan_t = objective(trial, scaled, a, b, gamma=gamma, k=k)[:3]
+            assert plan_t is not None
             flat = value_t >= value - _FLAT * value.abs().clamp(min=1)  # equal to machine precision
             better = pending & ((value_t > value + 1e-4 * t * slope) | flat & (_marginal_error(plan_t, a, b) < error))
             x = torch.where(better.unsqueeze(-1), trial, x)

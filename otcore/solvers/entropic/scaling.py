@@ -135,19 +135,20 @@ class StabilisedKernel:
         if eps != self.eps or self._retire():
             return self.geom.softmin(h, eps, weights, axis=axis)
         self.half_steps += 1
-        if self.kernel is not None:
-            exponent = (h - (self.g0 if axis == 1 else self.f0)).div_(self.eps)
+        kernel, f0, g0 = self.kernel, self.f0, self.g0
+        if kernel is not None and f0 is not None and g0 is not None:
+            exponent = (h - (g0 if axis == 1 else f0)).div_(self.eps)
             low, high = torch.aminmax(exponent)
-        if self.kernel is None or max(-float(low), float(high)) > self.threshold:
-            self._rebuild(f, g)
+        if kernel is None or f0 is None or g0 is None or max(-float(low), float(high)) > self.threshold:
+            kernel, f0, g0 = self._rebuild(f, g)
             scaled = weights
         else:
             scaled = exponent.exp_().mul_(weights)
         if axis == 1:
-            sums = torch.bmm(self.kernel, scaled.unsqueeze(-1)).squeeze(-1)
+            sums = torch.bmm(kernel, scaled.unsqueeze(-1)).squeeze(-1)
         else:
-            sums = torch.bmm(scaled.unsqueeze(-2), self.kernel).squeeze(-2)
-        out = torch.add(self.f0 if axis == 1 else self.g0, sums.log_(), alpha=-self.eps)
+            sums = torch.bmm(scaled.unsqueeze(-2), kernel).squeeze(-2)
+        out = torch.add(f0 if axis == 1 else g0, sums.log_(), alpha=-self.eps)
         if math.isfinite(float(out.sum())):
             return out
         self.kernel = None  # rebuilt at the next half-step, from an iterate the log domain made
@@ -161,11 +162,12 @@ class StabilisedKernel:
             self.retired, self.kernel = True, None
         return self.retired
 
-    def _rebuild(self, f: torch.Tensor, g: torch.Tensor) -> None:
-        """K~ at (f0, g0) = (f, g)."""
+    def _rebuild(self, f: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K~ at (f0, g0) = (f, g); returns (K~, f0, g0)."""
         self.rebuilds += 1
         self.kernel = None  # free the old kernel before the new one is built
         self.f0, self.g0 = f.clone(), g.clone()
         with torch.no_grad():
             C = self.geom.materialize()
         self.kernel = torch.add(f.unsqueeze(-1), g.unsqueeze(-2)).sub_(C).div_(self.eps).exp_()
+        return self.kernel, self.f0, self.g0
