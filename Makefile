@@ -2,10 +2,15 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-$(VENV)/.installed: pyproject.toml
+# what the demo needs (no Triton: it is not used on a CPU machine), then the test tools
+$(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[demo]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $@
 
@@ -27,7 +32,7 @@ $(VENV)/.docs: $(VENV)/.installed
 	touch $@
 
 .PHONY: demo test test-all lint docs bench bench-check
-demo: $(VENV)/.installed
+demo: $(VENV)/.base
 	$(PY) examples/demo.py
 
 lint: $(VENV)/.lint
