@@ -60,6 +60,19 @@ def check_tau(name: str, value: float) -> float:
     return v
 
 
+def check_rho(name: str, value: float | None, tau: float, tau_name: str) -> float | None:
+    """A KL marginal penalty rho > 0 (inf: balanced), or None when not given; refuses a rho given
+    beside a relaxed ``tau`` (the same knob twice)."""
+    if value is None:
+        return None
+    v = _real(name, value, "a number > 0 (inf: a hard constraint)")
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0 (inf: a hard constraint), got {value!r}")
+    if tau != 1.0:
+        raise ValueError(f"give {tau_name} or {name}, not both (tau = rho / (rho + eps))")
+    return v
+
+
 def mass_rtol(*dtypes: torch.dtype) -> float:
     """Relative tolerance for 'equal masses' of weights given in ``dtypes``: 1e3 machine epsilons
     of the coarsest, at most 1 % (float64: 2.2e-13, float32: 1.2e-4, float16/bfloat16: 1e-2).

@@ -200,3 +200,20 @@ def test_divergence_rejects_unknown_options_by_its_own_name():
     x = torch.randn(5, 2, dtype=F64)
     with pytest.raises(TypeError, match="sinkhorn_divergence"):
         otcore.sinkhorn_divergence(x, x + 1, eps=0.1, tau_a=0.5)
+
+
+def test_rho_is_pots_reg_m(gen):
+    """rho_a, rho_b: POT's reg_m (KL penalty strength), each side its own, inf a hard constraint."""
+    C = torch.rand(25, 20, generator=gen, dtype=F64)
+    a, b = simplex(25, gen), 2 * simplex(20, gen)
+    res = otcore.sinkhorn(C, a, b, eps=0.1, rho_a=0.5, rho_b=2.0, tol=1e-13, max_iter=50_000)
+    P = torch.from_numpy(ot.unbalanced.sinkhorn_unbalanced(
+        a.numpy(), b.numpy(), C.numpy(), 0.1, (0.5, 2.0), reg_type="kl", stopThr=1e-15, numItermax=200_000))
+    assert (res.plan - P).abs().sum() <= 1e-9
+    b_equal = b / 2
+    hard = otcore.sinkhorn(C, a, b_equal, eps=0.1, rho_a=float("inf"), rho_b=float("inf"), tol=1e-12)
+    torch.testing.assert_close(hard.plan, otcore.sinkhorn(C, a, b_equal, eps=0.1, tol=1e-12).plan, rtol=0, atol=0)
+    for kwargs, match in (({"rho_a": 0.0}, "rho_a must be > 0"), ({"rho_b": "x"}, "rho_b must be"),
+                          ({"rho_a": 1.0, "tau_a": 0.5}, "give tau_a or rho_a, not both")):
+        with pytest.raises(ValueError, match=match):
+            otcore.sinkhorn(C, a, b, eps=0.1, **kwargs)

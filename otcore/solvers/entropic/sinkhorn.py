@@ -23,7 +23,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from otcore._validation import check_finite, check_max_iter, check_positive, check_ratio, check_tau, check_tol
+from otcore._validation import (
+    check_finite,
+    check_max_iter,
+    check_positive,
+    check_ratio,
+    check_rho,
+    check_tau,
+    check_tol,
+)
 from otcore.core.implicit import FixedPoint, implicit_potentials, needs_implicit
 from otcore.core.loop import LoopOutcome, SinkhornProgress, fixed_point_loop, progress_callbacks, resolve_check_every
 from otcore.core.plan import EntropicPlan
@@ -66,6 +74,8 @@ def sinkhorn(
     implicit_max_iter: int = 1000,
     domain: str = "auto",
     relative_eps: str | None = None,
+    rho_a: float | None = None,
+    rho_b: float | None = None,
 ) -> OTResult:
     """Entropic OT by Sinkhorn iterations on log potentials (log or scaling domain).
 
@@ -81,6 +91,9 @@ def sinkhorn(
         eps: entropic regularisation (> 0), in the units of the cost (or of its scale: see
             ``relative_eps``).
         tau_a, tau_b: marginal relaxation in (0, 1]; 1 = hard constraint.
+        rho_a, rho_b: the same relaxation as the KL penalty strength rho > 0 (POT's ``reg_m``,
+            in the units of the cost; inf = hard constraint), instead of tau: tau = rho / (rho +
+            eps), converted at the absolute eps.
         max_iter: iteration cap (one iteration = an f- and a g-update).
         tol: stop when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (balanced; for unbalanced problems the
             same L1 residual of the fixed point f = tau_a softmin(g)). Default: 1e-6 in float64,
@@ -136,6 +149,7 @@ def sinkhorn(
     """
     eps = check_positive("eps", eps)
     tau_a, tau_b = check_tau("tau_a", tau_a), check_tau("tau_b", tau_b)
+    given_rho_a, given_rho_b = check_rho("rho_a", rho_a, tau_a, "tau_a"), check_rho("rho_b", rho_b, tau_b, "tau_b")
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     if domain not in DOMAINS:
@@ -144,11 +158,15 @@ def sinkhorn(
     eps_scaling = check_ratio("eps_scaling", eps_scaling)
     implicit_rtol = None if implicit_rtol is None else check_positive("implicit_rtol", implicit_rtol)
     implicit_max_iter = check_max_iter("implicit_max_iter", implicit_max_iter, minimum=0)
-    problem = prepare_problem(cost, a, b, balanced=tau_a == 1.0 and tau_b == 1.0, validate=validate)
+    balanced = all(rho is None or math.isinf(rho) for rho in (given_rho_a, given_rho_b)) and tau_a == tau_b == 1.0
+    problem = prepare_problem(cost, a, b, balanced=balanced, validate=validate)
     geom = problem.geom
     eps = absolute_eps(geom, eps, relative_eps)
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
-    rho_a, rho_b = rho_of(tau_a, eps), rho_of(tau_b, eps)
+    rho_a = rho_of(tau_a, eps) if given_rho_a is None else given_rho_a
+    rho_b = rho_of(tau_b, eps) if given_rho_b is None else given_rho_b
+    tau_a = tau_a if given_rho_a is None else tau_of(rho_a, eps)
+    tau_b = tau_b if given_rho_b is None else tau_of(rho_b, eps)
     check_every = resolve_check_every(check_every, geom.device)
     callbacks = progress_callbacks("sinkhorn", callback, verbose)
 
