@@ -117,7 +117,7 @@ def fixed_point_loop(
     schedule = schedule[: max(0, max_iter - 1)]
     ref = state[0]
     batch, device = ref.shape[0], ref.device
-    if host_reads and batch == 1 and device.type == "cpu":
+    if host_reads and batch == 1 and device.type == "cpu" and not torch.compiler.is_compiling():
         return _one_problem_loop(step, state, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule,
                                  measured_from=len(schedule) + first_check, check_every=check_every,
                                  callbacks=callbacks)

@@ -53,10 +53,13 @@ def sinkhorn_divergence(
     all in one loop; a self term stops being updated once it has converged.
 
     Args:
-        x: (n, d) / (B, n, d) source points; y: (m, d) / (B, m, d) target points.
-        a, b: weights (None: uniform), equal total masses.
+        x: (n, d) / (B, n, d) source points.
+        y: (m, d) / (B, m, d) target points.
+        a: weights of x (None: uniform).
+        b: weights of y (None: uniform); the same total mass as ``a``.
         eps: regularisation (> 0), in the units of the cost.
-        cost, backend: as in ``PointCloud``.
+        cost: as in ``PointCloud``.
+        backend: as in ``PointCloud``.
         tol: stop when every term's marginal error is <= tol (default as in ``sinkhorn``;
             0: run exactly ``max_iter`` iterations).
         max_iter: iteration cap (one iteration updates all three problems).
@@ -70,8 +73,11 @@ def sinkhorn_divergence(
             identical clouds (where a loss being minimised ends up): from an annealed start the
             alternating cross updates converge slowly there, from zero they do not. Reads
             max|C| on the host once.
-        check_every, callback, verbose, warn, validate: as in ``sinkhorn``; the callback's
-            ``error`` is the largest of the three terms' errors.
+        check_every: as in ``sinkhorn``.
+        callback: as in ``sinkhorn``; its ``error`` is the largest of the three terms' errors.
+        verbose: as in ``sinkhorn``.
+        warn: as in ``sinkhorn``.
+        validate: as in ``sinkhorn``.
         relative_eps: as in ``sinkhorn``, relative to the costs between x and y.
 
     Returns:

@@ -37,8 +37,11 @@ class MixtureBridge:
 
     Args:
         input_weights: (K0,) positive weights of P0's components (normalised here).
-        input_means, input_covs: (K0, d) and (K0, d, d) SPD: P0 = sum_j q_j N(m_j, C_j).
-        weights: (K,) positive; means, covs: (K, d), (K, d, d) SPD: psi = sum_k p_k N(mu_k, Sigma_k).
+        input_means: (K0, d) means m_j of P0's components: P0 = sum_j q_j N(m_j, C_j).
+        input_covs: (K0, d, d) SPD covariances C_j of P0's components.
+        weights: (K,) positive weights p_k of psi = sum_k p_k N(mu_k, Sigma_k).
+        means: (K, d) means mu_k of psi's components.
+        covs: (K, d, d) SPD covariances Sigma_k of psi's components.
         eps: > 0.
 
     All tensors share one floating dtype and device, which every output keeps.
@@ -160,7 +163,8 @@ class MixtureBridge:
         (m^_i, S^_i) the moments of ``samples[i]`` and (m_i, S_i) those of pi(. | x_i).
 
         Args:
-            x: (n, d) inputs; samples: (n, k, d), k >= 2 draws of y | x_i.
+            x: (n, d) inputs.
+            samples: (n, k, d), k >= 2 draws of y | x_i.
 
         Returns:
             ().

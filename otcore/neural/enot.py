@@ -54,8 +54,9 @@ class ENOT(torch.nn.Module):
         hidden: widths of the hidden ReLU layers of both networks (the paper: 3 x 512 for its
             Gaussian experiments; the default is sized for CPUs).
         n_sde_steps: N, the Euler-Maruyama steps of the simulation (the paper: 50).
-        drift, potential: modules replacing the default MLPs: ``drift`` maps (n, d + 1) inputs
-            (x, t) to (n, d) drifts, ``potential`` maps (n, d) to (n, 1).
+        drift: a module replacing the default drift MLP: it maps (n, d + 1) inputs (x, t) to
+            (n, d) drifts.
+        potential: a module replacing the default potential MLP: it maps (n, d) to (n, 1).
 
     The drift's last layer starts at 0, so the untrained model is the Brownian prior (the
     independent-noise plan). Parameters are created in float32 on the CPU (seeded by ``fit``'s
@@ -164,16 +165,21 @@ class ENOT(torch.nn.Module):
         eps = 10, lr 1e-3: cBW2-UVP 4.1 % after 250 constant-rate steps, 1.6 % after 300 decayed).
 
         Args:
-            x: (n, d) source samples or a sampler ``k -> (k, d)``; y: target, likewise. The model
-                moves to their device and dtype.
+            x: (n, d) source samples or a sampler ``k -> (k, d)``. The model moves to their
+                device and dtype.
+            y: target samples, as ``x``.
             n_steps: outer steps (default 1000; the paper: 10 000 with 3 x 512 networks).
-            batch_size: points per batch and side; inner_steps: drift steps per potential step.
+            batch_size: points per batch and side.
+            inner_steps: drift steps per potential step.
             lr: Adam's rate for both networks.
             seed: seeds the batches, the simulation noise and the networks' re-initialisation
                 (with a seed, ``fit`` re-initialises the default networks from it, so a run is
                 repeatable; without, it trains the current parameters).
-            progress, callback, checkpoint, checkpoint_every, resume: as in ``LightSB.fit``
-                (the loss passed on is the drift's last inner loss).
+            progress: as in ``LightSB.fit``.
+            callback: as in ``LightSB.fit`` (the loss passed on is the drift's last inner loss).
+            checkpoint: as in ``LightSB.fit``.
+            checkpoint_every: as in ``LightSB.fit``.
+            resume: as in ``LightSB.fit``.
 
         Returns:
             self (in eval mode).

@@ -94,10 +94,15 @@ def fit_monge_map(
         cost: the Monge gap's cost (as in ``monge_gap``); the fitting term uses sqeuclidean.
         lam: weight of the Monge gap (>= 0; 0: no regulariser), or a schedule ``step -> weight``
             (OTT's ``regularizer_strength`` schedules).
-        n_steps: Adam steps; batch_size: points per batch (from each side); lr: initial rate.
+        n_steps: Adam steps.
+        batch_size: points per batch (from each side).
+        lr: initial rate.
         lr_schedule: ``"cosine"`` (decay to 0 over ``n_steps``), ``"constant"``, or a function
             ``step -> factor`` multiplying ``lr``.
-        fit_relative_eps, gap_relative_eps: see above (> 0).
+        fit_relative_eps: eps_fit relative to the mean squared distance between target points
+            (see above; > 0).
+        gap_relative_eps: eps_gap relative to the mean ``cost`` between source and target points
+            (see above; > 0).
         sinkhorn_iter: iteration cap of each Sinkhorn solve.
         seed: seeds the batches (a local generator) and the default model's initialisation (the
             global RNG inside ``torch.random.fork_rng``, so the caller's RNG is untouched). When

@@ -73,7 +73,10 @@ def w2_map(
     ``A = S0^-1/2 (S0^1/2 S1 S0^1/2)^1/2 S0^-1/2`` (symmetric positive definite), b = m1 - A m0.
 
     Args:
-        mean0, mean1: (d,) / (B, d) means; cov0, cov1: (d, d) / (B, d, d) SPD covariances.
+        mean0: (d,) / (B, d) mean of the source.
+        cov0: (d, d) / (B, d, d) SPD covariance of the source.
+        mean1: (d,) / (B, d) mean of the target.
+        cov1: (d, d) / (B, d, d) SPD covariance of the target.
 
     Returns:
         ``(A, b)``: (d, d) and (d,) (batched alike); apply as ``x @ A.mT + b``.
@@ -105,7 +108,11 @@ def eot_plan(
     module docstring): pi* = N([m0; m1], [[S0, C], [C^T, S1]]).
 
     Args:
-        mean0, mean1: (d,) / (B, d); cov0, cov1: (d, d) / (B, d, d) SPD; eps: > 0.
+        mean0: (d,) / (B, d).
+        cov0: (d, d) / (B, d, d) SPD.
+        mean1: (d,) / (B, d).
+        cov1: (d, d) / (B, d, d) SPD.
+        eps: > 0.
 
     Returns:
         ``(mean, cov)``: (2d,) and (2d, 2d) (batched alike), x first then y.
@@ -141,8 +148,13 @@ def eot_conditional(
     ``Cov[X_t | x] = t^2 (S1 - C^T S0^-1 C) + eps t (1-t) I`` (cost 1/2 |x - y|^2, volatility eps).
 
     Args:
-        x: (n, d) / (B, n, d) starting points; mean0, cov0, mean1, cov1: as in ``eot_plan``.
-        eps: > 0; t: time in [0, 1].
+        x: (n, d) / (B, n, d) starting points.
+        mean0: as in ``eot_plan``.
+        cov0: as in ``eot_plan``.
+        mean1: as in ``eot_plan``.
+        cov1: as in ``eot_plan``.
+        eps: > 0.
+        t: time in [0, 1].
 
     Returns:
         ``(mean, cov)``: (n, d) conditional means and the (d, d) covariance (the same for every x).
@@ -177,7 +189,9 @@ def bw2_uvp(samples: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> tor
     the Gaussian fitted to ``samples`` (empirical mean and covariance) and the true N(mean, cov).
 
     Args:
-        samples: (n, d) / (B, n, d), n >= 2; mean: (d,) / (B, d); cov: (d, d) / (B, d, d).
+        samples: (n, d) / (B, n, d), n >= 2.
+        mean: (d,) / (B, d).
+        cov: (d, d) / (B, d, d).
 
     Returns:
         () / (B,).
@@ -195,8 +209,13 @@ def cbw2_uvp(
     conditional of ``eot_conditional``), normalised by 1/2 tr S1 (the target's variance) and x 100.
 
     Args:
-        x: (n, d) inputs; samples: (n, k, d), k >= 2 draws of y | x_i per input; Gaussians as in
-            ``eot_plan`` (unbatched).
+        x: (n, d) inputs.
+        samples: (n, k, d), k >= 2 draws of y | x_i per input.
+        mean0: as in ``eot_plan`` (unbatched).
+        cov0: as in ``eot_plan`` (unbatched).
+        mean1: as in ``eot_plan`` (unbatched).
+        cov1: as in ``eot_plan`` (unbatched).
+        eps: as in ``eot_plan``.
 
     Returns:
         ().
@@ -212,8 +231,9 @@ def l2_uvp(mapped: torch.Tensor, reference: torch.Tensor, cov1: torch.Tensor) ->
     """L2-UVP (%): ``100 E|T^(x) - T*(x)|^2 / Var(P1)`` with Var(P1) = tr ``cov1``.
 
     Args:
-        mapped: (n, d) / (B, n, d) images of a fitted map; reference: same shape, images of the
-            true map at the same x; cov1: (d, d) / (B, d, d) covariance of the target.
+        mapped: (n, d) / (B, n, d) images of a fitted map.
+        reference: same shape, images of the true map at the same x.
+        cov1: (d, d) / (B, d, d) covariance of the target.
 
     Returns:
         () / (B,).

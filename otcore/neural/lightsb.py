@@ -156,7 +156,9 @@ class LightSB(torch.nn.Module):
         volatility eps pinned at x (t = 0) and y (t = 1), on the grid t_j = j / n_steps.
 
         Args:
-            x: (n, d); n_steps: >= 1 time steps; seed: as in ``sample``.
+            x: (n, d).
+            n_steps: >= 1 time steps.
+            seed: as in ``sample``.
 
         Returns:
             (n, n_steps + 1, d) paths (in x's dtype); [:, 0] is x and [:, -1] the sample y.
@@ -202,11 +204,12 @@ class LightSB(torch.nn.Module):
         for r and ``lr`` x sqrt(s) for the off-diagonal of L; they decay to 0 on a cosine.
 
         Args:
-            x: (n, d) source samples, or a sampler ``k -> (k, d)`` tensor; y: target, likewise.
-                The model moves to their device and dtype.
+            x: (n, d) source samples, or a sampler ``k -> (k, d)`` tensor. The model moves to
+                their device and dtype.
+            y: target samples, as ``x``.
             n_steps: Adam steps (default 2000: at the metric's sampling floor on the Gaussian
-                benchmark from d = 2 to 64, see ``examples/schrodinger_bridge.py``);
-                batch_size: points per batch and side.
+                benchmark from d = 2 to 64, see ``examples/schrodinger_bridge.py``).
+            batch_size: points per batch and side.
             lr: base step size (> 0).
             seed: seeds the batches and the initialisation (a local generator; the global RNG
                 when None). Samplers draw with their own randomness.

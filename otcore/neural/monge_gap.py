@@ -55,14 +55,19 @@ def monge_gap(
     (the plan is held fixed: no backward through the iterations).
 
     Args:
-        x: (n, d) / (B, n, d) points; Tx: their images, the same shape (row i is T(x_i)).
+        x: (n, d) / (B, n, d) points.
+        Tx: their images, the same shape (row i is T(x_i)).
         cost: as in ``PointCloud``: ``"sqeuclidean"`` (|x - y|^2, no 1/2), ``"euclidean"``,
             ``"l1"`` or a p-norm p >= 1.
         eps: regularisation in the units of the cost. None: ``relative_eps`` times the mean cost
             over all pairs (x_i, Tx_j) (of the whole batch, detached; a constant for gradients).
         relative_eps: see ``eps`` (> 0).
         subtract_floor: return ``M_eps + eps log n`` (>= 0) instead.
-        max_iter, tol, eps_scaling, warn, validate: passed to ``otcore.sinkhorn``.
+        max_iter: passed to ``otcore.sinkhorn``.
+        tol: passed to ``otcore.sinkhorn``.
+        eps_scaling: passed to ``otcore.sinkhorn``.
+        warn: passed to ``otcore.sinkhorn``.
+        validate: passed to ``otcore.sinkhorn``.
 
     Returns:
         () / (B,), in the dtype of the inputs.

@@ -286,9 +286,12 @@ class OTKMeans:
         cluster_weights: (k,) non-negative cluster proportions (normalised); None: uniform.
         seed: seed of the k-means++ initialisation (None: a fresh random one).
 
-    Attributes (after ``fit``):
-        cluster_centers_: (k, d) centroids; labels_: (n,) int64 labels; inertia_: sum of squared
-        distances to the assigned centroids; n_iter_: centroid updates run; converged_: bool.
+    Attributes:
+        cluster_centers_: (k, d) centroids, after ``fit``.
+        labels_: (n,) int64 labels, after ``fit``.
+        inertia_: sum of squared distances to the assigned centroids, after ``fit``.
+        n_iter_: centroid updates run, after ``fit``.
+        converged_: bool, after ``fit``.
     """
 
     def __init__(self, n_clusters: int, *, eps: float = 0.05, max_iter: int = 100, tol: float = 1e-4,

@@ -78,9 +78,15 @@ class ShapeMatchingTerms:
     """The unweighted terms of the shape-matching loss and the maps they were computed from.
 
     Attributes:
-        bijectivity, orthogonality, laplacian, coupling, alignment: () tensors (module docstring).
-        fmap_xy: (k_y, k_x) functional map from x to y; fmap_yx: (k_x, k_y).
-        soft_map_yx: (n_y, n_x) soft point map from y to x (rows sum to 1); soft_map_xy: (n_x, n_y).
+        bijectivity: () tensor (module docstring).
+        orthogonality: () tensor (module docstring).
+        laplacian: () tensor (module docstring).
+        coupling: () tensor (module docstring).
+        alignment: () tensor (module docstring).
+        fmap_xy: (k_y, k_x) functional map from x to y.
+        fmap_yx: (k_x, k_y) functional map from y to x.
+        soft_map_yx: (n_y, n_x) soft point map from y to x (rows sum to 1).
+        soft_map_xy: (n_x, n_y) soft point map from x to y (rows sum to 1).
     """
 
     bijectivity: torch.Tensor
@@ -106,7 +112,8 @@ def entropic_plan(feat_x: torch.Tensor, feat_y: torch.Tensor, *, sigma: float = 
     Sinkhorn iterations (``tol=0``; the refinement of [1] runs 10); the inputs are detached.
 
     Args:
-        feat_x: (n_x, d); feat_y: (n_y, d).
+        feat_x: (n_x, d).
+        feat_y: (n_y, d).
         sigma: bandwidth (> 0) relative to the mean cost.
         n_iter: Sinkhorn iterations (>= 1).
 
@@ -131,7 +138,10 @@ def shape_matching_pointmap(feat_x: torch.Tensor, feat_y: torch.Tensor, *, sigma
     Not differentiable.
 
     Args:
-        feat_x: (n_x, d); feat_y: (n_y, d); sigma, n_iter: as in ``entropic_plan``.
+        feat_x: (n_x, d).
+        feat_y: (n_y, d).
+        sigma: as in ``entropic_plan``.
+        n_iter: as in ``entropic_plan``.
 
     Returns:
         (n_y,) int64 indices of vertices of x.
@@ -147,14 +157,23 @@ def shape_matching_terms(feat_x: torch.Tensor, feat_y: torch.Tensor, spectrum_x,
     """Every term of the shape-matching loss (the functional twin of ``ShapeMatchingLoss``).
 
     Args:
-        feat_x: (n_x, d) per-vertex features of x; feat_y: (n_y, d) of y (same d and dtype).
-        spectrum_x, spectrum_y: ``(evals (k,), evecs (n, k), mass (n,))`` of each shape, e.g.
+        feat_x: (n_x, d) per-vertex features of x.
+        feat_y: (n_y, d) per-vertex features of y (same d and dtype as ``feat_x``).
+        spectrum_x: ``(evals (k,), evecs (n, k), mass (n,))`` of x, e.g.
             ``otcore.shapes.laplacian_basis``; cast to the features' dtype.
-        lam, gamma: the functional-map solver's prior (``otcore.shapes.fmap_from_features``).
+        spectrum_y: the same for y.
+        lam: the functional-map solver's prior (``otcore.shapes.fmap_from_features``).
+        gamma: the functional-map solver's prior (``otcore.shapes.fmap_from_features``).
         soft_map: ``"softmax"`` (temperature ``tau``) or ``"sinkhorn"`` (``sigma``, ``n_iter``
             iterations; the plan is held constant).
-        n_projections, p, seed: the sliced-Wasserstein alignment (``otcore.sliced_wasserstein``);
-            an int ``seed`` gives the same directions at every call, None fresh ones.
+        tau: the temperature of the ``"softmax"`` soft maps (``otcore.shapes.soft_pointmap``).
+        sigma: the bandwidth of the ``"sinkhorn"`` soft maps, as in ``entropic_plan``.
+        n_iter: the Sinkhorn iterations of the ``"sinkhorn"`` soft maps, as in ``entropic_plan``.
+        n_projections: the number of directions of the sliced-Wasserstein alignment
+            (``otcore.sliced_wasserstein``).
+        p: the order of the sliced-Wasserstein alignment.
+        seed: the seed of the alignment's directions: an int gives the same directions at every
+            call, None fresh ones.
 
     Returns:
         ``ShapeMatchingTerms``; each term is differentiable in the features.
@@ -203,10 +222,21 @@ class ShapeMatchingLoss(torch.nn.Module):
     alignment weight 1 on l2-normalised features instead of 100 on raw ones.
 
     Args:
-        bijectivity, orthogonality, laplacian, coupling, alignment: weights (>= 0).
-        lam, gamma, soft_map, tau, sigma, n_iter, n_projections, p, seed: as in
-            ``shape_matching_terms``. Switch ``soft_map`` to ``"sinkhorn"`` for the adaptive
+        bijectivity: weight (>= 0).
+        orthogonality: weight (>= 0).
+        laplacian: weight (>= 0).
+        coupling: weight (>= 0).
+        alignment: weight (>= 0).
+        lam: as in ``shape_matching_terms``.
+        gamma: as in ``shape_matching_terms``.
+        soft_map: as in ``shape_matching_terms``. Switch it to ``"sinkhorn"`` for the adaptive
             refinement of a trained network on a test pair.
+        tau: as in ``shape_matching_terms``.
+        sigma: as in ``shape_matching_terms``.
+        n_iter: as in ``shape_matching_terms``.
+        n_projections: as in ``shape_matching_terms``.
+        p: as in ``shape_matching_terms``.
+        seed: as in ``shape_matching_terms``.
 
     Raises:
         ValueError: a negative or non-finite weight, or a bad option (each named), at construction.

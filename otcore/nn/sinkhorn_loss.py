@@ -35,7 +35,11 @@ class SinkhornLoss(torch.nn.Module):
         warm_start: start each call from the potentials of the previous one when the shapes,
             dtype and device agree (and, debiased, whether x and y are the same measure).
         eps_scaling: annealing of cold starts, as in ``sinkhorn_divergence`` (off by default).
-        tol, max_iter, backend, validate, relative_eps: as in ``sinkhorn_divergence``.
+        tol: as in ``sinkhorn_divergence``.
+        max_iter: as in ``sinkhorn_divergence``.
+        backend: as in ``sinkhorn_divergence``.
+        validate: as in ``sinkhorn_divergence``.
+        relative_eps: as in ``sinkhorn_divergence``.
 
     ``reset()`` forgets the stored potentials.
     """

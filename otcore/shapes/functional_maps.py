@@ -95,7 +95,8 @@ def resolvent_mask(evals_x: torch.Tensor, evals_y: torch.Tensor, gamma: float = 
     eigenvalues, growing with their gap (bounded, unlike the plain commutator's squared gap).
 
     Args:
-        evals_x: (..., k_x) eigenvalues of x; evals_y: (..., k_y) of y (>= 0).
+        evals_x: (..., k_x) eigenvalues of x (>= 0).
+        evals_y: (..., k_y) eigenvalues of y (>= 0).
         gamma: exponent (> 0).
 
     Raises:
@@ -126,8 +127,10 @@ def fmap_from_features(feat_x: torch.Tensor, feat_y: torch.Tensor, spectrum_x, s
     d >= k_x descriptors). Differentiable in the features.
 
     Args:
-        feat_x: (n_x, d) descriptors on x; feat_y: (n_y, d) on y (the same d).
-        spectrum_x, spectrum_y: ``(evals, evecs, mass)`` of each shape (``laplacian_basis``).
+        feat_x: (n_x, d) descriptors on x.
+        feat_y: (n_y, d) descriptors on y (the same d).
+        spectrum_x: ``(evals, evecs, mass)`` of x (``laplacian_basis``).
+        spectrum_y: ``(evals, evecs, mass)`` of y.
         lam: weight (>= 0) of the Laplacian-commutativity prior.
         gamma: exponent of the resolvent mask (> 0).
 
@@ -175,7 +178,8 @@ def bijectivity_loss(fmap_xy: torch.Tensor, fmap_yx: torch.Tensor) -> torch.Tens
     """``||C_xy C_yx - I||^2 + ||C_yx C_xy - I||^2``: 0 iff the two maps are mutually inverse.
 
     Args:
-        fmap_xy: (..., k_y, k_x); fmap_yx: (..., k_x, k_y).
+        fmap_xy: (..., k_y, k_x).
+        fmap_yx: (..., k_x, k_y).
 
     Returns:
         (...) the penalty.
@@ -203,7 +207,9 @@ def laplacian_commutativity_loss(fmap_xy: torch.Tensor, evals_x: torch.Tensor, e
     spectra by their joint maximum so the penalty does not depend on the shapes' size.
 
     Args:
-        fmap_xy: (..., k_y, k_x); evals_x: (..., k_x); evals_y: (..., k_y).
+        fmap_xy: (..., k_y, k_x).
+        evals_x: (..., k_x).
+        evals_y: (..., k_y).
 
     Returns:
         (...) the penalty.
@@ -224,7 +230,8 @@ def pointmap_to_fmap(pointmap: torch.Tensor, spectrum_x, spectrum_y) -> torch.Te
     Args:
         pointmap: (n_y,) integer indices of vertices of x (the image of each vertex of y), or a
             (n_y, n_x) floating soft map (rows: vertices of y, typically row-stochastic).
-        spectrum_x, spectrum_y: ``(evals, evecs, mass)`` of x and y.
+        spectrum_x: ``(evals, evecs, mass)`` of x.
+        spectrum_y: ``(evals, evecs, mass)`` of y.
 
     Returns:
         (k_y, k_x), in the dtype of the soft map (or of ``spectrum_y`` for a point map);
@@ -262,7 +269,9 @@ def nearest(queries: torch.Tensor, points: torch.Tensor, shift: torch.Tensor | N
     e.g. a dual potential: the row-wise argmax of an entropic plan is ``nearest(y, x, g)``.
 
     Args:
-        queries: (s, d); points: (m, d); shift: (m,) or None (plain nearest neighbours).
+        queries: (s, d).
+        points: (m, d).
+        shift: (m,) or None (plain nearest neighbours).
 
     Returns:
         (s,) int64 indices into ``points``.
@@ -295,7 +304,9 @@ def fmap_to_pointmap(fmap_xy: torch.Tensor, evecs_x: torch.Tensor, evecs_y: torc
     ``||Pi Phi_x - Phi_y C_xy||`` over point maps, found by nearest-neighbour search.
 
     Args:
-        fmap_xy: (k_y, k_x); evecs_x: (n_x, k_x); evecs_y: (n_y, k_y).
+        fmap_xy: (k_y, k_x).
+        evecs_x: (n_x, k_x).
+        evecs_y: (n_y, k_y).
 
     Returns:
         (n_y,) int64 indices of vertices of x.
@@ -318,7 +329,8 @@ def soft_pointmap(feat_from: torch.Tensor, feat_to: torch.Tensor, *, tau: float 
     """Soft point map ``softmax_j(<f_i, g_j> / tau)`` of l2-normalised features (rows sum to 1).
 
     Args:
-        feat_from: (n, d) features of the shape whose vertices are mapped; feat_to: (m, d).
+        feat_from: (n, d) features of the shape whose vertices are mapped.
+        feat_to: (m, d) features of the other shape.
         tau: temperature (> 0); the soft maps of ULRSSM [3] and Le et al. [4] use 0.07.
 
     Returns:
@@ -337,7 +349,8 @@ def coupling_loss(fmap_xy: torch.Tensor, soft_map_yx: torch.Tensor, spectrum_x, 
     Args:
         fmap_xy: (k_y, k_x).
         soft_map_yx: (n_y, n_x) soft map from y to x (e.g. ``soft_pointmap(feat_y, feat_x)``).
-        spectrum_x, spectrum_y: ``(evals, evecs, mass)`` of x and y.
+        spectrum_x: ``(evals, evecs, mass)`` of x.
+        spectrum_y: ``(evals, evecs, mass)`` of y.
 
     Returns:
         () the penalty, differentiable in the map and the soft map.

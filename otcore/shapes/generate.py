@@ -52,12 +52,15 @@ class ShapePair:
     """Two meshes of one canonical surface and the true map between their vertices.
 
     Attributes:
-        vertices_x: (n_x, 3); faces_x: (f_x, 3) int64 (shape x: the canonical surface with
-            bumps, undeformed).
-        vertices_y: (n_y, 3); faces_y: (f_y, 3) int64 (shape y: deformed, moved rigidly).
+        vertices_x: (n_x, 3) positions of shape x (the canonical surface with bumps,
+            undeformed).
+        faces_x: (f_x, 3) int64 triangles of shape x.
+        vertices_y: (n_y, 3) positions of shape y (deformed, moved rigidly).
+        faces_y: (f_y, 3) int64 triangles of shape y.
         correspondence: (n_y,) int64, the vertex of x that each vertex of y corresponds to.
-        rest_x, rest_y: (n_x, 3), (n_y, 3) positions on the bare canonical surface (no bumps,
-            no deformation), where the correspondence was computed.
+        rest_x: (n_x, 3) positions of x's vertices on the bare canonical surface (no bumps, no
+            deformation), where the correspondence was computed.
+        rest_y: (n_y, 3) positions of y's vertices on the bare canonical surface, as ``rest_x``.
     """
 
     vertices_x: torch.Tensor
@@ -197,7 +200,10 @@ def bend(vertices: torch.Tensor, *, radius: float, axis: int = 2, toward: int = 
     (R - x) / R, so the map is near isometric for bodies thin against R.
 
     Args:
-        vertices: (n, 3) positions; radius: R (> 0); axis, toward: two different coordinates.
+        vertices: (n, 3) positions.
+        radius: R (> 0).
+        axis: the coordinate t along the line that is bent (0..2, different from ``toward``).
+        toward: the coordinate x the line curves towards (0..2, different from ``axis``).
 
     Returns:
         (n, 3) bent positions, in the dtype and on the device of ``vertices``.
@@ -224,7 +230,8 @@ def stretch(vertices: torch.Tensor, *, strength: float, axis: int = 2) -> torch.
     ``1 + strength / 2``; |strength| < 1.
 
     Args:
-        vertices: (n, 3) positions, not all on the plane ``t = 0``; strength: in (-1, 1);
+        vertices: (n, 3) positions, not all on the plane ``t = 0``.
+        strength: in (-1, 1).
         axis: the coordinate t (0..2).
 
     Returns:

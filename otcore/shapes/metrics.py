@@ -40,7 +40,8 @@ def geodesic_distances(vertices: torch.Tensor, faces: torch.Tensor, sources: tor
     """Shortest-path distances along the edges of a mesh.
 
     Args:
-        vertices: (n, 3) positions; faces: (f, 3) integer triangles.
+        vertices: (n, 3) positions.
+        faces: (f, 3) integer triangles.
         sources: (s,) integer vertex indices to measure from; None: every vertex (s = n).
 
     Returns:
@@ -78,7 +79,8 @@ def geodesic_error(vertices: torch.Tensor, faces: torch.Tensor, pointmap: torch.
     (x 100) is the number papers report.
 
     Args:
-        vertices: (n, 3) positions of x; faces: (f, 3) its triangles.
+        vertices: (n, 3) positions of x.
+        faces: (f, 3) triangles of x.
         pointmap: (s,) integer vertex indices of x, the predicted images.
         truth: (s,) integer vertex indices of x, the true images.
         normalise: divide by sqrt(area of x) (the benchmarks' convention); False: raw lengths.

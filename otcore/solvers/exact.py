@@ -22,7 +22,8 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
 
     Args:
         cost: (n, m) / (B, n, m) tensor or a geometry (materialised: exact OT needs all costs).
-        a, b: weights as in ``sinkhorn`` (None: uniform; masses kept, not normalised); equal total masses.
+        a: weights as in ``sinkhorn`` (None: uniform; masses kept, not normalised).
+        b: as ``a``; the same total mass.
         max_iter: network-simplex iteration cap.
         warn: one ``ConvergenceWarning`` if the simplex stopped before optimality.
         validate: check input values as in ``sinkhorn`` (the solve itself runs on the host).

@@ -56,9 +56,11 @@ def quantile_cost(us: torch.Tensor, vs: torch.Tensor, cu: torch.Tensor, cv: torc
     the quantile functions take the values at index ``first cumulative weight >= q``.
 
     Args:
-        us: (..., n) values sorted ascending; vs: (..., m) likewise.
+        us: (..., n) values sorted ascending.
+        vs: (..., m) values sorted ascending.
         cu: (..., n) cumulative weights aligned with ``us`` (leading dims broadcastable to those
-            of ``us``, e.g. (1, n) for weights that do not depend on the order); cv: (..., m).
+            of ``us``, e.g. (1, n) for weights that do not depend on the order).
+        cv: (..., m) cumulative weights aligned with ``vs``, as ``cu``.
         p: the order, >= 1.
 
     Returns:
@@ -94,9 +96,10 @@ def ot1d_cost(u: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     """W_p^p between already validated measures (no checks); the kernel of ``wasserstein_1d``.
 
     Args:
-        u: (..., n) values; v: (..., m).
-        a: (..., n) weights broadcastable against ``u`` (e.g. (B, 1, n) for values (B, L, n));
-            b: (..., m). Equal total masses.
+        u: (..., n) values.
+        v: (..., m) values.
+        a: (..., n) weights broadcastable against ``u`` (e.g. (B, 1, n) for values (B, L, n)).
+        b: (..., m) weights of ``v``, as ``a``. Equal total masses.
         p: the order, >= 1.
         uniform: whether a / b are constant along their last dimension; the cumulative grid is
             then shared by all rows (no per-row gather, and for n = m a plain sorted difference).
@@ -143,8 +146,8 @@ def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, a: torch.Tensor | None = No
     mass M it is ``int_0^M |F_u^{-1} - F_v^{-1}|^p dq`` (M times W_p^p of the normalised measures).
 
     Args:
-        u: (..., n) support of the first measure (any order); v: (..., m) of the second, with
-            leading dimensions that broadcast against u's.
+        u: (..., n) support of the first measure (any order).
+        v: (..., m) support of the second, with leading dimensions that broadcast against u's.
         a: (..., n) non-negative weights of u broadcastable against u, or None (uniform 1/n).
         b: (..., m) weights of v, or None (uniform 1/m). Masses of a and b must agree.
         p: the order, >= 1.

@@ -127,7 +127,10 @@ def slice_costs(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tens
     """W_p^p between the projections of the clouds on each direction.
 
     Args:
-        x: (B, n, d) points; y: (B, m, d); a: (B, n) weights; b: (B, m) (equal masses).
+        x: (B, n, d) points.
+        y: (B, m, d) points.
+        a: (B, n) weights of x.
+        b: (B, m) weights of y (the same masses as ``a``).
         theta: (d, L) directions shared by the batch, or (B, d, L) one set per problem.
         p: the order.
         uniform: whether a / b are uniform (the 1-D grid is then shared by all directions).
@@ -161,10 +164,12 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None 
     OTT's and others'). ``sw ** p`` is the unbiased Monte Carlo estimate of SW_p^p.
 
     Args:
-        x: (n, d) or (B, n, d) points of mu; y: (m, d) or (B, m, d) points of nu (n != m allowed).
-        a: (n,) or (B, n) non-negative weights of x, or None (uniform 1/n); b: (m,) / (B, m).
-            Equal total masses; b is rescaled to the mass of a (a factor within rounding, held
-            constant in autograd). For total mass M the result is M^(1/p) times SW_p.
+        x: (n, d) or (B, n, d) points of mu.
+        y: (m, d) or (B, m, d) points of nu (n != m allowed).
+        a: (n,) or (B, n) non-negative weights of x, or None (uniform 1/n).
+        b: (m,) / (B, m) weights of y, as ``a``. Equal total masses; b is rescaled to the mass of
+            a (a factor within rounding, held constant in autograd). For total mass M the result
+            is M^(1/p) times SW_p.
         n_projections: the number L of directions drawn (ignored for a tensor ``projections``).
         p: the order, >= 1.
         projections: ``"random"`` (None: the default; uniform on the sphere), ``"orthogonal"``
@@ -209,7 +214,15 @@ def energy_sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor 
     per-direction gradients.
 
     Args:
-        x, y, a, b, n_projections, p, projections, seed, validate: as in ``sliced_wasserstein``.
+        x: as in ``sliced_wasserstein``.
+        y: as in ``sliced_wasserstein``.
+        a: as in ``sliced_wasserstein``.
+        b: as in ``sliced_wasserstein``.
+        n_projections: as in ``sliced_wasserstein``.
+        p: as in ``sliced_wasserstein``.
+        projections: as in ``sliced_wasserstein``.
+        seed: as in ``sliced_wasserstein``.
+        validate: as in ``sliced_wasserstein``.
         detach_weights: hold the importance weights constant in autograd.
 
     Returns:
@@ -244,8 +257,14 @@ def max_sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | N
     a and b. Each problem of a batch gets its own direction.
 
     Args:
-        x, y, a, b, p, projections, seed, validate: as in ``sliced_wasserstein``
-            (``projections`` are the directions the ascent starts from).
+        x: as in ``sliced_wasserstein``.
+        y: as in ``sliced_wasserstein``.
+        a: as in ``sliced_wasserstein``.
+        b: as in ``sliced_wasserstein``.
+        p: as in ``sliced_wasserstein``.
+        projections: as in ``sliced_wasserstein``: the directions the ascent starts from.
+        seed: as in ``sliced_wasserstein``.
+        validate: as in ``sliced_wasserstein``.
         n_projections: how many directions are drawn to start from (>= 1).
         n_steps: gradient-ascent steps (>= 0; 0 = the max over drawn directions).
         lr: the first step length (> 0), decaying as 1/sqrt(k + 1).

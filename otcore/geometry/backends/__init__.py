@@ -49,7 +49,8 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, un
 
     Args:
         requested: ``"auto"``, ``"torch"`` or ``"triton"``.
-        device, dtype: those of the geometry's tensors.
+        device: that of the geometry's tensors.
+        dtype: that of the geometry's tensors.
         unsupported: why the kernels do not cover this geometry (None when they do).
 
     Raises:

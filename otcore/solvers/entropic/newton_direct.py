@@ -40,8 +40,10 @@ def direct_newton(C, a, b, f, g, eps, *, tol, max_iter):
 
     Args:
         C: (B, n, m) cost matrix (no gradient needed).
-        a, b: (B, n), (B, m) weights, >= 0, equal masses per problem.
-        f, g: (B, n), (B, m) starting potentials (a Sinkhorn warm start).
+        a: (B, n) weights, >= 0.
+        b: (B, m) weights, >= 0, the masses of ``a`` per problem.
+        f: (B, n) starting potential (a Sinkhorn warm start).
+        g: (B, m) starting potential (a Sinkhorn warm start).
         eps: entropic regularisation.
         tol: stop a problem when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (0: never).
         max_iter: Newton iterations at most.

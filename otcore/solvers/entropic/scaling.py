@@ -84,6 +84,8 @@ def scaling_unavailable(geom: Geometry, eps: float, *, grad_enabled: bool) -> st
     with K~ rounds away; never with ``validate=False``, which reads nothing on the host, while
     absorption reads one number per half-step) and a kernel within ``DENSE_BUDGET_BYTES``.
     """
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing the solve (absorption's host reads would specialise the graph)"
     if geom.sharded:
         return "the geometry is sharded across processes (a product with K~ would sum over this process's rows only)"
     if grad_enabled:

@@ -90,10 +90,12 @@ def sinkhorn(
             normalised ones.
         eps: entropic regularisation (> 0), in the units of the cost (or of its scale: see
             ``relative_eps``).
-        tau_a, tau_b: marginal relaxation in (0, 1]; 1 = hard constraint.
-        rho_a, rho_b: the same relaxation as the KL penalty strength rho > 0 (POT's ``reg_m``,
-            in the units of the cost; inf = hard constraint), instead of tau: tau = rho / (rho +
-            eps), converted at the absolute eps.
+        tau_a: marginal relaxation of ``a`` in (0, 1]; 1 = hard constraint.
+        tau_b: marginal relaxation of ``b``, as ``tau_a``.
+        rho_a: the same relaxation as the KL penalty strength rho > 0 (POT's ``reg_m``, in the
+            units of the cost; inf = hard constraint), instead of tau: tau = rho / (rho + eps),
+            converted at the absolute eps.
+        rho_b: as ``rho_a``, for ``b`` (instead of ``tau_b``).
         max_iter: iteration cap (one iteration = an f- and a g-update).
         tol: stop when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (balanced; for unbalanced problems the
             same L1 residual of the fixed point f = tau_a softmin(g)). Default: 1e-6 in float64,
@@ -117,7 +119,9 @@ def sinkhorn(
         validate: check input values (finite costs and weights, equal masses), which reads them
             on the host. With ``validate=False`` and ``tol=0`` nothing is read on the host from
             input to output (training loops, CUDA graphs); shapes are still checked.
-        implicit_rtol, implicit_max_iter: conjugate-gradient settings of the implicit backward.
+        implicit_rtol: conjugate-gradient setting of the implicit backward: its relative
+            residual.
+        implicit_max_iter: conjugate-gradient setting of the implicit backward: its iteration cap.
         domain: how an iteration computes its two softmins. ``"log"``: log-sum-exp over the
             costs (streamed by blocks or Triton kernels; one exponential per entry of C).
             ``"scaling"``: products with a stabilised kernel exp((f0 + g0 - C)/eps), rebuilt

@@ -128,7 +128,8 @@ def sns(
 
     Args:
         cost: (n, m) / (B, n, m) tensor or a geometry.
-        a, b: weights as in ``sinkhorn`` (None: uniform; masses kept, not normalised); equal total masses.
+        a: weights as in ``sinkhorn`` (None: uniform; masses kept, not normalised).
+        b: as ``a``; the same total mass.
         eps: entropic regularisation (> 0).
         tol: stop when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (default: 1e-6 in float64, 1e-4
             otherwise; 0: run exactly ``max_iter`` iterations, and ``converged`` then only says
@@ -143,8 +144,10 @@ def sns(
             (``"direct"`` when n m min(n, m) <= ``DIRECT_MAX``, else ``"sparse"``).
         grad: ``"implicit"`` or ``"envelope"`` as in ``sinkhorn`` (the fixed point is the same;
             ``"unroll"`` is not offered: CG and sparsification are not differentiated).
-        cg_rtol, cg_max_iter: inner conjugate-gradient settings of the Newton steps (``cg_rtol``
-            default: 1e-10 in float64, 1e-5 otherwise); the implicit backward uses its defaults.
+        cg_rtol: inner conjugate-gradient setting of the Newton steps: the smallest relative
+            residual asked of it (default: 1e-10 in float64, 1e-5 otherwise); the implicit
+            backward uses its own defaults.
+        cg_max_iter: inner conjugate-gradient setting of the Newton steps: its iteration cap.
         warn: one ``ConvergenceWarning`` on non-convergence.
         validate: check input values as in ``sinkhorn`` (the Newton loop itself reads its
             progress on the host every iteration).
