@@ -104,6 +104,12 @@ def _worker(rank, world, sizes, p, path):
             otcore.distributed.RowSharded(PointCloud(p["x"][rows].to(y.dtype), y))
         except ValueError as e:
             errors.append(str(e))
+    for other in (lambda: otcore.sns(geom, p["a"][rows], p["b"], eps=0.5), lambda: otcore.emd(geom),
+                  lambda: otcore.sparse_ot(geom, k=2)):  # solvers that would sum over this rank alone
+        try:
+            other()
+        except ValueError as e:
+            errors.append(str(e))
     out["errors"] = errors
     torch.save(out, os.path.join(path, f"rank{rank}.pt"))
 
@@ -134,7 +140,8 @@ def test_row_sharded_sinkhorn_matches_one_process(sizes, tmp_path):
             if len(got) == 4:
                 torch.testing.assert_close(got[2], want[2][rows], **close, msg=lambda s, k=key: f"{k} a: {s}")
                 torch.testing.assert_close(got[3], want[3], **close, msg=lambda s, k=key: f"{k} b: {s}")
-        scaling, columns, dtype = r["errors"]
+        scaling, columns, dtype, *others = r["errors"]
+        assert len(others) == 3 and all("runs in otcore.sinkhorn only" in e for e in others)
         assert "sharded" in scaling
         assert "number of columns m" in columns and "geom" in columns
         assert "dtype" in dtype

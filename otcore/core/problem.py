@@ -59,7 +59,7 @@ class Problem:
         )
 
 
-def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True) -> Problem:
+def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True, sharded: bool = False) -> Problem:
     """Validate and broadcast; half-precision inputs are computed in float32.
 
     A balanced problem's b is rescaled to the mass of a (a factor within the weights' rounding,
@@ -71,13 +71,18 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True) -> Pro
     (``a / a.sum()``) for probability measures.
 
     ``validate=False`` keeps the shape checks but skips every check that reads tensor values
-    (finiteness, signs, masses): no host synchronisation.
+    (finiteness, signs, masses): no host synchronisation. ``sharded``: whether the solver
+    accepts a geometry sharded across processes (``otcore.distributed``); the others refuse it,
+    since their local sums would silently cover this process's points only.
 
     Raises:
-        ValueError: bad shapes, negative or non-finite weights or costs, and (when ``balanced``)
-            unequal total masses.
+        ValueError: bad shapes, negative or non-finite weights or costs, (when ``balanced``)
+            unequal total masses, and a sharded geometry where ``sharded`` is False.
     """
     geom = as_geometry(cost, validate=validate)
+    if geom.sharded and not sharded:
+        raise ValueError("cost: a geometry sharded across processes (otcore.distributed) runs in otcore.sinkhorn "
+                         "only; this solver would sum over this process's points alone")
     out_dtype = geom.dtype
     compute = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     geom = geom.to_dtype(compute)

@@ -163,7 +163,7 @@ def sinkhorn(
     implicit_rtol = None if implicit_rtol is None else check_positive("implicit_rtol", implicit_rtol)
     implicit_max_iter = check_max_iter("implicit_max_iter", implicit_max_iter, minimum=0)
     balanced = all(rho is None or math.isinf(rho) for rho in (given_rho_a, given_rho_b)) and tau_a == tau_b == 1.0
-    problem = prepare_problem(cost, a, b, balanced=balanced, validate=validate)
+    problem = prepare_problem(cost, a, b, balanced=balanced, validate=validate, sharded=True)
     geom = problem.geom
     eps = absolute_eps(geom, eps, relative_eps)
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
