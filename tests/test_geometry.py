@@ -39,6 +39,6 @@ def test_bad_geometry_inputs():
     with pytest.raises(ValueError, match="x"):
         PointCloud(torch.tensor([[float("inf"), 0.0]]), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="cost"):
-        PointCloud(torch.zeros(3, 2), torch.zeros(4, 2), cost="cosine")
+        PointCloud(torch.zeros(3, 2), torch.zeros(4, 2), cost="hamming")
     with pytest.raises(ValueError, match="empty"):
         CostMatrix(torch.zeros(0, 3))

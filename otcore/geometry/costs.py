@@ -1,8 +1,10 @@
 """Ground costs between point clouds, computed one block of rows at a time.
 
-``"sqeuclidean"`` is |x - y|^2 (no 1/2), ``"euclidean"`` is |x - y|_2 and a number ``p >= 1`` is
-the p-norm |x - y|_p (``"l1"`` = 1). All are translation invariant, which ``PointCloud`` uses to
-centre the clouds before the |x|^2 + |y|^2 - 2 x.y expansion (less cancellation).
+``"sqeuclidean"`` is |x - y|^2 (no 1/2), ``"euclidean"`` is |x - y|_2, a number ``p >= 1`` is
+the p-norm |x - y|_p (``"l1"`` = 1), all translation invariant, which ``PointCloud`` uses to
+centre the clouds before the |x|^2 + |y|^2 - 2 x.y expansion (less cancellation); ``"cosine"`` is
+1 - cos(x, y) in [0, 2] (scipy's and POT's ``metric="cosine"``; a zero vector is at cosine 0 from
+everything), which is not.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ import torch
 
 
 def parse_cost(cost) -> str | float:
-    """Normalise a cost name: returns "sqeuclidean", "euclidean" or a float p >= 1."""
+    """Normalise a cost name: returns "sqeuclidean", "euclidean", "cosine" or a float p >= 1."""
     if isinstance(cost, str):
         name = cost.lower()
-        if name in ("sqeuclidean", "euclidean"):
+        if name in ("sqeuclidean", "euclidean", "cosine"):
             return name
         if name == "l1":
             return 1.0
-        raise ValueError(f"cost must be 'sqeuclidean', 'euclidean', 'l1' or a number p >= 1, got {cost!r}")
+        raise ValueError(f"cost must be 'sqeuclidean', 'euclidean', 'cosine', 'l1' or a number p >= 1, got {cost!r}")
     try:
         p = float(cost)
     except (TypeError, ValueError) as err:
@@ -34,12 +36,19 @@ def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(sq, x, y.mT, alpha=-2.0).clamp_min(0.0)
 
 
+def unit_vectors(t: torch.Tensor) -> torch.Tensor:
+    """t / |t| along the last axis (..., d); zero vectors stay 0."""
+    return t / torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
+
+
 def pairwise_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> torch.Tensor:
     """Cost block C_ij = c(x_i, y_j): (B, r, d), (B, L, d) -> (B, r, L)."""
     if cost == "sqeuclidean":
         return squared_distances(x, y)
     if cost == "euclidean":
         return _safe_sqrt(squared_distances(x, y))
+    if cost == "cosine":
+        return torch.bmm(unit_vectors(x), unit_vectors(y).mT).neg_().add_(1.0)
     return torch.cdist(x, y, p=float(cost))
 
 

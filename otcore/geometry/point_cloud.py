@@ -40,8 +40,8 @@ class PointCloud(Geometry):
     Args:
         x: source points.
         y: target points (same d; same batch size, or one of the two unbatched).
-        cost: ``"sqeuclidean"`` (|x - y|^2, no 1/2; default), ``"euclidean"``, ``"l1"`` or a
-            number p >= 1 for the p-norm |x - y|_p.
+        cost: ``"sqeuclidean"`` (|x - y|^2, no 1/2; default), ``"euclidean"``, ``"l1"``, a
+            number p >= 1 for the p-norm |x - y|_p, or ``"cosine"`` (1 - cos(x, y)).
         backend: ``"auto"`` (Triton for CUDA float32/float16/bfloat16 tensors when it imports,
             torch otherwise), ``"torch"`` or ``"triton"`` (the kernels cover the sqeuclidean and
             euclidean costs; on CPU tensors they need ``TRITON_INTERPRET=1``).
@@ -78,11 +78,13 @@ class PointCloud(Geometry):
         # |x|^2 + |y|^2 - 2 x.y expansion (and changes no cost or gradient). Half-precision points
         # are kept exactly as given (centring would round them again); the expansion of exact
         # half values is then accumulated in float32.
-        if dtype not in HALF:
+        self.cost = parse_cost(cost)
+        if dtype not in HALF and self.cost != "cosine":  # the cosine cost is not translation invariant
             xb, yb = _centred(xb, yb)
         self.x, self.y = xb, yb
-        self.cost = parse_cost(cost)
-        unsupported = None if self.cost in POINT_COSTS else f"no Triton kernel for the p-norm cost p={self.cost}"
+        unsupported = None if self.cost in POINT_COSTS else (
+            "no Triton kernel for the cosine cost" if self.cost == "cosine" else
+            f"no Triton kernel for the p-norm cost p={self.cost}")
         self.backend = resolve_backend(backend, xb.device, dtype, unsupported)
 
     @property
@@ -95,6 +97,8 @@ class PointCloud(Geometry):
 
     def _range_bounds(self) -> torch.Tensor:
         """The cost of the diagonal of the two clouds' joint bounding box (B,): no cost exceeds it."""
+        if self.cost == "cosine":
+            return torch.full((self.x.shape[0],), 2.0, dtype=torch.float64, device=self.x.device)
         points = torch.cat([self.x, self.y], dim=1).double()
         diagonal = points.amax(dim=1) - points.amin(dim=1)
         if self.cost == "sqeuclidean":

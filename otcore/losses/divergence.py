@@ -219,8 +219,12 @@ class _SelfTerm:
 def _positive_kernel(cost: str | float) -> bool:
     """Whether exp(-cost/eps) is a positive definite kernel (so that S_eps >= 0): the squared
     Euclidean cost (Gaussian kernel) and |x - y|_p for 1 <= p <= 2 (negative definite functions, so
-    exp(-t |x - y|_p) is positive definite by Schoenberg's theorem)."""
-    return cost in ("sqeuclidean", "euclidean") or (not isinstance(cost, str) and cost <= 2)
+    exp(-t |x - y|_p) is positive definite by Schoenberg's theorem), and the cosine cost
+    (exp(-(1 - cos)/eps) = e^(-1/eps) exp(<x/|x|, y/|y|>/eps), the exponential of a positive
+    semi-definite kernel)."""
+    if isinstance(cost, str):
+        return cost.lower() in ("sqeuclidean", "euclidean", "cosine", "l1")
+    return float(cost) <= 2
 
 
 def same_measures(x, y, a, b, *, compare_values: bool) -> bool:

@@ -23,7 +23,7 @@ import torch
 
 from otcore._validation import check_finite, check_positive
 from otcore.geometry import PointCloud
-from otcore.geometry.costs import parse_cost, squared_distances
+from otcore.geometry.costs import parse_cost, squared_distances, unit_vectors
 from otcore.solvers import sinkhorn
 
 #: Default eps relative to the mean cost between the two clouds. OTT's Monge gap tutorial uses
@@ -98,6 +98,8 @@ def paired_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> torch.Te
     diff = x - y
     if cost == "sqeuclidean":
         return diff.pow(2).sum(-1)
+    if cost == "cosine":
+        return 1 - (unit_vectors(x) * unit_vectors(y)).sum(-1)
     if cost == "euclidean":
         sq = diff.pow(2).sum(-1)
         positive = sq > 0
@@ -112,6 +114,8 @@ def mean_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> float:
         cx, cy = x - x.mean(-2, keepdim=True), y - y.mean(-2, keepdim=True)
         value = cx.pow(2).sum(-1).mean(-1) + cy.pow(2).sum(-1).mean(-1) + (x.mean(-2) - y.mean(-2)).pow(2).sum(-1)
         return float(value.mean())
+    if cost == "cosine":  # 1 - <mean of the unit x, mean of the unit y>
+        return float((1 - (unit_vectors(x).mean(-2) * unit_vectors(y).mean(-2)).sum(-1)).mean())
     xb, yb = (x if x.dim() == 3 else x.unsqueeze(0)), (y if y.dim() == 3 else y.unsqueeze(0))
     if cost == "euclidean":
         return float(squared_distances(xb, yb).sqrt().mean())
