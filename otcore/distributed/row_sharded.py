@@ -44,7 +44,8 @@ from otcore.geometry.backends import torch_blocked
 from otcore.geometry.base import _row_ends
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_NAMED_COSTS = ("sqeuclidean", "euclidean", "l1")
+_NAMED_COSTS = ("sqeuclidean", "euclidean", "l1", "cosine")
+_CALLABLE_COST = 9  # a user's callable: only "a callable" can be compared across ranks
 _BACKENDS = ("torch", "triton")
 # what every rank's geometry must agree on, in the order of ``_descriptor``
 _FIELDS = ("geometry type", "batch size B", "number of columns m", "dimension d", "dtype", "cost", "backend",
@@ -115,7 +116,10 @@ class RowSharded(Geometry):
         B, _, m = geom.shape
         if isinstance(geom, PointCloud):
             cost = geom.cost
-            code = _NAMED_COSTS.index(cost) if isinstance(cost, str) else 10 + round(float(cost) * 1e6)
+            if callable(cost):
+                code = _CALLABLE_COST
+            else:
+                code = _NAMED_COSTS.index(cost) if isinstance(cost, str) else 10 + round(float(cost) * 1e6)
             kind, d = 0, geom.x.shape[-1]
         else:
             kind, d, code = 1, 0, 0

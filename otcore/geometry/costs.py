@@ -4,23 +4,32 @@
 the p-norm |x - y|_p (``"l1"`` = 1), all translation invariant, which ``PointCloud`` uses to
 centre the clouds before the |x|^2 + |y|^2 - 2 x.y expansion (less cancellation); ``"cosine"`` is
 1 - cos(x, y) in [0, 2] (scipy's and POT's ``metric="cosine"``; a zero vector is at cosine 0 from
-everything), which is not.
+everything), which is not, and neither need be a user's callable ``c(x, y)``: (B, r, d), (B, L, d)
+-> (B, r, L), differentiable by autograd.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+CostFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-def parse_cost(cost) -> str | float:
-    """Normalise a cost name: returns "sqeuclidean", "euclidean", "cosine" or a float p >= 1."""
+
+def parse_cost(cost) -> str | float | CostFn:
+    """Normalise a cost: returns "sqeuclidean", "euclidean", "cosine", a float p >= 1, or a
+    callable as given."""
+    if callable(cost):
+        return cost
     if isinstance(cost, str):
         name = cost.lower()
         if name in ("sqeuclidean", "euclidean", "cosine"):
             return name
         if name == "l1":
             return 1.0
-        raise ValueError(f"cost must be 'sqeuclidean', 'euclidean', 'cosine', 'l1' or a number p >= 1, got {cost!r}")
+        raise ValueError(f"cost must be 'sqeuclidean', 'euclidean', 'cosine', 'l1', a number p >= 1 or a callable "
+                         f"c(x, y), got {cost!r}")
     try:
         p = float(cost)
     except (TypeError, ValueError) as err:
@@ -41,8 +50,15 @@ def unit_vectors(t: torch.Tensor) -> torch.Tensor:
     return t / torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
 
 
-def pairwise_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> torch.Tensor:
+def pairwise_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float | CostFn) -> torch.Tensor:
     """Cost block C_ij = c(x_i, y_j): (B, r, d), (B, L, d) -> (B, r, L)."""
+    if callable(cost):
+        out = cost(x, y)
+        shape = (x.shape[0], x.shape[1], y.shape[1])
+        if not torch.is_tensor(out) or tuple(out.shape) != shape or not out.is_floating_point():
+            raise ValueError(f"cost: a callable c(x, y) must return a floating tensor of shape {shape} for x "
+                             f"{tuple(x.shape)} and y {tuple(y.shape)}, got {getattr(out, 'shape', type(out).__name__)}")
+        return out.to(x.dtype)
     if cost == "sqeuclidean":
         return squared_distances(x, y)
     if cost == "euclidean":

@@ -41,7 +41,10 @@ class PointCloud(Geometry):
         x: source points.
         y: target points (same d; same batch size, or one of the two unbatched).
         cost: ``"sqeuclidean"`` (|x - y|^2, no 1/2; default), ``"euclidean"``, ``"l1"``, a
-            number p >= 1 for the p-norm |x - y|_p, or ``"cosine"`` (1 - cos(x, y)).
+            number p >= 1 for the p-norm |x - y|_p, ``"cosine"`` (1 - cos(x, y)), or a callable
+            ``c(x, y)``: (B, r, d), (B, L, d) -> (B, r, L), differentiable by autograd and called
+            on blocks of rows (the torch backend; its values are not checked with
+            ``validate=False``).
         backend: ``"auto"`` (Triton for CUDA float32/float16/bfloat16 tensors when it imports,
             torch otherwise), ``"torch"`` or ``"triton"`` (the kernels cover the sqeuclidean and
             euclidean costs; on CPU tensors they need ``TRITON_INTERPRET=1``).
@@ -79,12 +82,17 @@ class PointCloud(Geometry):
         # are kept exactly as given (centring would round them again); the expansion of exact
         # half values is then accumulated in float32.
         self.cost = parse_cost(cost)
-        if dtype not in HALF and self.cost != "cosine":  # the cosine cost is not translation invariant
+        if dtype not in HALF and not (callable(self.cost) or self.cost == "cosine"):  # not translation invariant
             xb, yb = _centred(xb, yb)
         self.x, self.y = xb, yb
-        unsupported = None if self.cost in POINT_COSTS else (
-            "no Triton kernel for the cosine cost" if self.cost == "cosine" else
-            f"no Triton kernel for the p-norm cost p={self.cost}")
+        if callable(self.cost):
+            unsupported: str | None = "no Triton kernel for a callable cost"
+        elif self.cost in POINT_COSTS:
+            unsupported = None
+        elif self.cost == "cosine":
+            unsupported = "no Triton kernel for the cosine cost"
+        else:
+            unsupported = f"no Triton kernel for the p-norm cost p={self.cost}"
         self.backend = resolve_backend(backend, xb.device, dtype, unsupported)
 
     @property
@@ -96,7 +104,11 @@ class PointCloud(Geometry):
         return (self.x, self.y)
 
     def _range_bounds(self) -> torch.Tensor:
-        """The cost of the diagonal of the two clouds' joint bounding box (B,): no cost exceeds it."""
+        """An upper bound of max C - min C (B,): the cost of the diagonal of the two clouds' joint
+        bounding box (translation-invariant costs), 2 (cosine), the exact range block by block
+        (a callable cost)."""
+        if callable(self.cost):
+            return super()._range_bounds()
         if self.cost == "cosine":
             return torch.full((self.x.shape[0],), 2.0, dtype=torch.float64, device=self.x.device)
         points = torch.cat([self.x, self.y], dim=1).double()

@@ -222,6 +222,8 @@ def _positive_kernel(cost: str | float) -> bool:
     exp(-t |x - y|_p) is positive definite by Schoenberg's theorem), and the cosine cost
     (exp(-(1 - cos)/eps) = e^(-1/eps) exp(<x/|x|, y/|y|>/eps), the exponential of a positive
     semi-definite kernel)."""
+    if callable(cost):  # unknown: no clamp
+        return False
     if isinstance(cost, str):
         return cost.lower() in ("sqeuclidean", "euclidean", "cosine", "l1")
     return float(cost) <= 2

@@ -23,7 +23,7 @@ import torch
 
 from otcore._validation import check_finite, check_positive
 from otcore.geometry import PointCloud
-from otcore.geometry.costs import parse_cost, squared_distances, unit_vectors
+from otcore.geometry.costs import CostFn, parse_cost, squared_distances, unit_vectors
 from otcore.solvers import sinkhorn
 
 #: Default eps relative to the mean cost between the two clouds. OTT's Monge gap tutorial uses
@@ -92,9 +92,12 @@ def monge_gap(
     return gap
 
 
-def paired_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> torch.Tensor:
+def paired_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float | CostFn) -> torch.Tensor:
     """c(x_i, y_i) from explicit differences: (..., n, d) twice -> (..., n). ``cost`` as parsed by
     ``parse_cost``; the Euclidean norm has gradient 0 at x = y."""
+    if callable(cost):  # each pair as a 1 x 1 problem of a batch
+        d = x.shape[-1]
+        return cost(x.reshape(-1, 1, d), y.reshape(-1, 1, d)).reshape(x.shape[:-1])
     diff = x - y
     if cost == "sqeuclidean":
         return diff.pow(2).sum(-1)
@@ -108,12 +111,14 @@ def paired_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> torch.Te
     return diff.abs().pow(p).sum(-1).pow(1 / p)
 
 
-def mean_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float) -> float:
+def mean_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float | CostFn) -> float:
     """Mean of c(x_i, y_j) over all pairs (and the batch), read on the host."""
     if cost == "sqeuclidean":  # mean |x|^2 + mean |y|^2 - 2 <mean x, mean y>, per problem of the batch
         cx, cy = x - x.mean(-2, keepdim=True), y - y.mean(-2, keepdim=True)
         value = cx.pow(2).sum(-1).mean(-1) + cy.pow(2).sum(-1).mean(-1) + (x.mean(-2) - y.mean(-2)).pow(2).sum(-1)
         return float(value.mean())
+    if callable(cost):
+        return float(PointCloud(x, y, cost=cost, validate=False).mean_cost().mean())
     if cost == "cosine":  # 1 - <mean of the unit x, mean of the unit y>
         return float((1 - (unit_vectors(x).mean(-2) * unit_vectors(y).mean(-2)).sum(-1)).mean())
     xb, yb = (x if x.dim() == 3 else x.unsqueeze(0)), (y if y.dim() == 3 else y.unsqueeze(0))
