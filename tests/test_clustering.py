@@ -273,7 +273,8 @@ def test_depict_target(gen, normalisation):
     ({"cluster_weights": torch.ones(5)}, "cluster_weights"),
     ({"cluster_weights": torch.tensor([1.0, -1.0, 1.0, 1.0])}, "cluster_weights"),
     ({"cluster_weights": torch.zeros(4)}, "cluster_weights"),
-    ({"group": object()}, "group"),
+    ({"group": object()}, "group must be None, 'default' or a torch.distributed ProcessGroup"),
+    ({"group": "world"}, "group must be None"),
 ])
 def test_codes_bad_inputs(kwargs, name):
     args = {"scores": torch.randn(3, 4), **kwargs}

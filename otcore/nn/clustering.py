@@ -1,7 +1,8 @@
 """Balanced clustering with optimal transport: SwAV/SeLa codes, balanced k-means, DEPICT targets.
 
 - ``sinkhorn_codes``: the balanced soft assignments of SeLa [1] and SwAV [2], computed in the log
-  domain (no overflow at any score scale or dtype).
+  domain (no overflow at any score scale or dtype), on one process or over the concatenated
+  batches of the ranks of a ``torch.distributed`` group (SwAV's distributed Sinkhorn-Knopp).
 - ``OTKMeans``: k-means whose assignment step is balanced entropic OT (Sinkhorn) to the centroids,
   with final hard labels by exact OT, so cluster sizes follow the prescribed weights exactly.
 - ``depict_target``: the auxiliary target distribution of DEPICT [3], a one-step approximate
@@ -19,12 +20,16 @@ References:
 from __future__ import annotations
 
 import math
+import struct
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from otcore._validation import _real, check_finite, check_max_iter, check_positive, check_tol
+from otcore.distributed.collectives import all_reduce, check_group, gather_descriptors
 from otcore.solvers import emd
 from otcore.solvers.entropic.dual import default_tol
 from otcore.warnings import ConvergenceWarning
@@ -67,12 +72,23 @@ def sinkhorn_codes(
     takes ~9x the time of SwAV's recipe for 3 iterations. With ``tol=None`` nothing is read on
     the host inside the loop (one read after it).
 
+    Distributed (``group`` set; SwAV's ``distributed_sinkhorn`` [2], in both exact paths): each
+    rank passes its own batch (B_r, K) and gets its rows of the codes of the concatenated batch
+    of B = sum_r B_r samples, as one process would compute them on the concatenation (up to the
+    order of floating-point sums). The column maxima and column sums are all-reduced over the
+    ranks, rows are normalised locally; the fallback to the log domain and the stopping test
+    are decided on all-reduced quantities, so every rank takes the same path and runs the same
+    iterations. Costs one all-gather of a few integers and one all-reduce of the weights (the
+    checks below), then one all-reduce of (G, K) column sums per iteration (in the log domain:
+    two, three with ``tol``). Every rank must pass the same K, dtype, eps, n_iter, tol and
+    cluster_weights (all checked) and at least one sample.
+
     Codes are targets, as in SwAV: they are computed under ``torch.no_grad`` and returned
     detached (no gradient flows to ``scores``).
 
     Args:
         scores: (B, K) similarities of samples to clusters (higher = closer), or (G, B, K) for
-            G independent problems.
+            G independent problems; with ``group``, this rank's samples (B_r, K) or (G, B_r, K).
         eps: entropic regularisation (> 0), in the units of ``scores``; SeLa's lambda is 1 / eps.
         n_iter: number of Sinkhorn iterations (one = a column and a row normalisation). With
             ``tol`` set it is the cap on iterations; ``None`` with ``tol`` iterates up to
@@ -83,18 +99,60 @@ def sinkhorn_codes(
             error on the host every iteration.
         cluster_weights: (K,) or (G, K) non-negative cluster proportions (normalised to sum
             1); None: uniform 1 / K. Clusters of weight 0 get all-zero columns.
-        group: reserved for a ``torch.distributed`` process group (samples sharded across
-            ranks); only None is supported yet.
+        group: None (default): this process's scores only. Otherwise the samples are spread
+            over the ranks of a ``torch.distributed`` process group: a ``ProcessGroup``, or
+            ``"default"`` for the default group (``None`` keeps its meaning of "not
+            distributed", unlike ``otcore.distributed.RowSharded``). Works with gloo and NCCL.
 
     Returns:
-        (B, K) or (G, B, K) codes in the dtype and device of ``scores``.
+        (B, K) or (G, B, K) codes in the dtype and device of ``scores`` (with ``group``: this
+        rank's rows, (B_r, K) or (G, B_r, K)).
 
     Raises:
         ValueError: bad shapes or non-finite scores, eps <= 0, bad n_iter, tol or weights, or a
-            ``group``.
+            bad ``group``. With ``group``, raised on every rank (without hanging) when
+            torch.distributed is not initialised or this process is outside the group, when any
+            rank's inputs are rejected, or when the ranks differ in K, dtype, batching G, eps,
+            n_iter, tol or cluster_weights.
     """
-    if group is not None:
-        raise ValueError("group: distributed codes are not supported yet; pass group=None")
+    if group is None:
+        codes_in, ranks = _codes_input(scores, eps, n_iter, tol, cluster_weights), None
+    else:
+        codes_in, ranks = _codes_input_across(group, scores, eps, n_iter, tol, cluster_weights)
+    S, logw, eps, steps, tol, batched = codes_in
+    codes, error = _balanced_codes(S, eps=eps, logw=logw, n_iter=steps, tol=tol, ranks=ranks)
+    if error is not None and not bool(error.max() <= tol):
+        warnings.warn(
+            f"sinkhorn_codes: the column marginal error {float(error.max()):.3g} is above tol={tol:g} after "
+            f"{steps} iterations; raise n_iter, loosen tol or increase eps.",
+            ConvergenceWarning, stacklevel=2,
+        )
+    codes = codes if batched else codes.squeeze(0)
+    return codes.to(scores.dtype)
+
+
+class _CodesInput(NamedTuple):
+    """sinkhorn_codes' validated arguments: scores (G, B, K) in the compute dtype, detached; log
+    weights (G, 1, K); eps; the iteration count or cap; tol (None: fixed iterations); batched."""
+
+    S: torch.Tensor
+    logw: torch.Tensor
+    eps: float
+    steps: int
+    tol: float | None
+    batched: bool
+
+
+class _Ranks(NamedTuple):
+    """The samples are spread over the ranks of ``group`` (a torch.distributed group, None: the
+    default one); ``B``: the number of samples of all ranks together."""
+
+    group: object
+    B: int
+
+
+def _codes_input(scores, eps, n_iter, tol, cluster_weights) -> _CodesInput:
+    """Validate this rank's arguments of ``sinkhorn_codes`` (no communication)."""
     if not torch.is_tensor(scores) or not scores.is_floating_point():
         raise ValueError(f"scores must be a floating-point torch.Tensor, got {getattr(scores, 'dtype', type(scores))}")
     if scores.dim() not in (2, 3) or 0 in scores.shape:
@@ -111,16 +169,65 @@ def sinkhorn_codes(
     batched = S.dim() == 3
     S = S if batched else S.unsqueeze(0)
     logw = _log_cluster_weights(cluster_weights, G=S.shape[0], K=S.shape[-1], dtype=compute, device=S.device)
-    steps = CODES_MAX_ITER if n_iter is None else n_iter
-    codes, error = _balanced_codes(S, eps=eps, logw=logw, n_iter=steps, tol=tol)
-    if error is not None and not bool(error.max() <= tol):
-        warnings.warn(
-            f"sinkhorn_codes: the column marginal error {float(error.max()):.3g} is above tol={tol:g} after "
-            f"{steps} iterations; raise n_iter, loosen tol or increase eps.",
-            ConvergenceWarning, stacklevel=2,
-        )
-    codes = codes if batched else codes.squeeze(0)
-    return codes.to(scores.dtype)
+    return _CodesInput(S, logw, eps, CODES_MAX_ITER if n_iter is None else n_iter, tol, batched)
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# what every rank must agree on, in the order of ``_codes_descriptor`` (after the failure flag)
+_AGREED = ("batching (B, K) or (G, B, K)", "number of problems G", "number of clusters K", "dtype", "eps",
+           "n_iter", "tol")
+
+
+def _codes_descriptor(c: _CodesInput | None, scores) -> list[int]:
+    """[failed, *the _AGREED fields, B_r] as integers (floats by their bits: compared exactly)."""
+    if c is None:
+        return [1] + [0] * (len(_AGREED) + 1)
+    G, B, K = c.S.shape
+    tol = -1.0 if c.tol is None else c.tol
+    return [0, int(c.batched), G, K, _DTYPES.index(scores.dtype), _bits(c.eps), c.steps, _bits(tol), B]
+
+
+def _bits(x: float) -> int:
+    """The IEEE-754 bits of a float64, as an int64 (for an exact comparison across ranks)."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _codes_input_across(group, scores, eps, n_iter, tol, cluster_weights) -> tuple[_CodesInput, _Ranks]:
+    """Validate on every rank of ``group`` together: raises ValueError on every rank (after one
+    all-gather, so no rank is left waiting) if any rank's inputs are rejected or the ranks
+    disagree; else this rank's input and the total batch size."""
+    if isinstance(group, str) and group == "default":
+        group = None
+    elif not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise ValueError(f"group must be None, 'default' or a torch.distributed ProcessGroup, got {group!r}")
+    check_group(group)
+    try:
+        mine, problem = _codes_input(scores, eps, n_iter, tol, cluster_weights), None
+    except ValueError as e:
+        mine, problem = None, e
+    device = scores.device if torch.is_tensor(scores) else torch.device("cpu")
+    ranks = gather_descriptors(_codes_descriptor(mine, scores), device, group)
+    if problem is not None:
+        raise problem
+    failed = [r for r, d in enumerate(ranks) if d[0]]
+    if failed:
+        raise ValueError(f"group: the inputs of rank(s) {failed} of the group were rejected (see the error raised "
+                         "there); sinkhorn_codes raises on every rank")
+    assert mine is not None
+    for k, name in enumerate(_AGREED, start=1):
+        values = [r[k] for r in ranks]
+        if len(set(values)) > 1:
+            shown: list = [str(_DTYPES[v]) for v in values] if name == "dtype" else values
+            if name in ("eps", "tol"):
+                shown = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values]
+            raise ValueError(f"group: the ranks' inputs differ in their {name} (by rank: {shown}); sinkhorn_codes "
+                             "needs everything but the number of samples to be the same on every rank")
+    w = mine.logw.exp()  # one MAX all-reduce of (w, -w): the largest and smallest weights of the ranks
+    hi, lo = all_reduce(torch.cat([w, -w]), dist.ReduceOp.MAX, group).chunk(2)
+    if bool((hi + lo > 8 * torch.finfo(w.dtype).eps * hi).any()):  # the same decision on every rank
+        raise ValueError("cluster_weights: the ranks pass different cluster_weights; sinkhorn_codes needs the "
+                         "same (normalised) weights on every rank")
+    return mine, _Ranks(group, sum(r[-1] for r in ranks))
 
 
 def _log_cluster_weights(w, *, G: int, K: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -138,41 +245,60 @@ def _log_cluster_weights(w, *, G: int, K: int, dtype: torch.dtype, device: torch
     return (w / w.sum(-1, keepdim=True)).log().unsqueeze(1)
 
 
-def _balanced_codes(S: torch.Tensor, *, eps: float, logw: torch.Tensor, n_iter: int, tol: float | None):
+def _sample_sum(t: torch.Tensor, ranks: _Ranks | None) -> torch.Tensor:
+    """``t`` (a sum over this rank's samples) summed over the ranks' samples (itself if local)."""
+    return t if ranks is None else all_reduce(t, dist.ReduceOp.SUM, ranks.group)
+
+
+def _sample_max(t: torch.Tensor, ranks: _Ranks | None) -> torch.Tensor:
+    """``t`` (a max over this rank's samples) maximised over the ranks' samples (itself if local)."""
+    return t if ranks is None else all_reduce(t, dist.ReduceOp.MAX, ranks.group)
+
+
+def _balanced_codes(S: torch.Tensor, *, eps: float, logw: torch.Tensor, n_iter: int, tol: float | None,
+                    ranks: _Ranks | None = None):
     """Codes (G, B, K) for scores S (G, B, K) and log cluster weights (G, 1, K), and the final
-    column error (G,) when ``tol`` is set: kernel scalings where exact, else the log domain."""
+    column error (G,) when ``tol`` is set: kernel scalings where exact, else the log domain.
+    With ``ranks``, S holds this rank's samples and the codes are its rows of the codes of all
+    the ranks' samples (the path taken and the iterations run are the same on every rank)."""
     with torch.no_grad():
-        codes, error, exact = _scaled_sinkhorn(S, eps=eps, w=logw.exp(), n_iter=n_iter, tol=tol)
+        codes, error, exact = _scaled_sinkhorn(S, eps=eps, w=logw.exp(), n_iter=n_iter, tol=tol, ranks=ranks)
         if not bool(exact):  # the one host read of the fixed-iteration path
-            codes, error = _log_sinkhorn(S, eps=eps, logw=logw, n_iter=n_iter, tol=tol)
+            codes, error = _log_sinkhorn(S, eps=eps, logw=logw, n_iter=n_iter, tol=tol, ranks=ranks)
     return codes, error
 
 
-def _scaled_sinkhorn(S: torch.Tensor, *, eps: float, w: torch.Tensor, n_iter: int, tol: float | None):
+def _scaled_sinkhorn(S: torch.Tensor, *, eps: float, w: torch.Tensor, n_iter: int, tol: float | None,
+                     ranks: _Ranks | None = None):
     """SwAV's iterations on the stabilised kernel ``P = exp(S / eps - column max)`` (G, B, K), in
     place: columns scaled to ``w`` (G, 1, K), then rows to 1. Returns the codes, the final column
     error (G,) when ``tol`` is set (else None), and a () bool tensor ``exact``: whether no
     entry of the kernel and no row or column sum fell below sqrt(tiny) of the dtype (and all
     stayed finite), so that nothing that matters underflowed. Where ``exact`` is False the result must be recomputed in the log
     domain (``_log_sinkhorn``).
+
+    With ``ranks``, column maxima and sums are all-reduced, and ``exact`` is that of all ranks:
+    the local checks (kernel entries, row sums) travel as a count in the column sums' all-reduce
+    (plus one scalar all-reduce after the last row normalisation when ``tol`` is None).
     """
-    B = S.shape[1]
+    B = S.shape[1] if ranks is None else ranks.B
     floor = math.sqrt(torch.finfo(S.dtype).tiny)
     present = w > 0
     P = S / eps
-    P.sub_(P.amax(1, keepdim=True)).exp_()  # a column factor: the first column scaling undoes it
-    exact = P.amin() >= floor
-    cols = P.sum(1, keepdim=True)
+    P.sub_(_sample_max(P.amax(1, keepdim=True), ranks)).exp_()  # a column factor: the first column scaling undoes it
+    cols, exact = _column_sums(P, P.amin() >= floor, ranks)
     error = None
     for step in range(n_iter):
         exact = exact & (cols.masked_fill(~present, math.inf).amin() >= floor)
         P.mul_(w / cols.clamp_min(torch.finfo(S.dtype).tiny))
         rows = P.sum(2, keepdim=True)
-        exact = exact & (rows.amin() >= floor) & torch.isfinite(rows).all()
+        rows_ok = (rows.amin() >= floor) & torch.isfinite(rows).all()
         P.div_(rows)
         if tol is None and step == n_iter - 1:
+            exact = exact & (rows_ok if ranks is None else _sample_sum((~rows_ok).to(S.dtype), ranks) == 0)
             break
-        cols = P.sum(1, keepdim=True)
+        cols, ok = _column_sums(P, rows_ok, ranks)
+        exact = exact & ok
         if tol is not None:
             error = (cols / B - w).abs().sum((1, 2))
             if bool(error.max() <= tol) or not bool(exact):
@@ -180,15 +306,27 @@ def _scaled_sinkhorn(S: torch.Tensor, *, eps: float, w: torch.Tensor, n_iter: in
     return P, error, exact
 
 
-def _log_sinkhorn(S: torch.Tensor, *, eps: float, logw: torch.Tensor, n_iter: int, tol: float | None):
+def _column_sums(P: torch.Tensor, ok: torch.Tensor, ranks: _Ranks | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column sums (G, 1, K) of P over all the ranks' samples, and whether the () bool ``ok``
+    holds on every rank (one all-reduce: the failures are counted in the same buffer)."""
+    cols = P.sum(1, keepdim=True)
+    if ranks is None:
+        return cols, ok
+    both = _sample_sum(torch.cat([cols.flatten(), (~ok).to(P.dtype).reshape(1)]), ranks)
+    return both[:-1].view_as(cols), both[-1] == 0
+
+
+def _log_sinkhorn(S: torch.Tensor, *, eps: float, logw: torch.Tensor, n_iter: int, tol: float | None,
+                  ranks: _Ranks | None = None):
     """Alternate log-domain normalisations of ``L = S / eps`` (G, B, K): columns to ``logw``
     (G, 1, K), then rows to 0. Returns the codes exp(L) (rows sum to 1) and, when ``tol`` is
-    set, the final column error (G,) (else None).
+    set, the final column error (G,) (else None). With ``ranks``, the column normalisations
+    (a max and a sum) and the column error are all-reduced; rows stay local.
 
     Works in place on two (G, B, K) buffers (L and its shifted exponential P), which makes the
     log domain cost about one exp per normalisation over the kernel-domain recipe.
     """
-    B = S.shape[1]
+    B = S.shape[1] if ranks is None else ranks.B
     absent = torch.isinf(logw)  # zero-weight clusters: their columns are -inf throughout
     L = S / eps
     L.masked_fill_(absent, -math.inf)
@@ -196,24 +334,26 @@ def _log_sinkhorn(S: torch.Tensor, *, eps: float, logw: torch.Tensor, n_iter: in
     target = logw.exp()
     error = None
     for _ in range(n_iter):
-        _normalise(L, P, dim=1, log_target=logw, absent=absent)
+        _normalise(L, P, dim=1, log_target=logw, absent=absent, ranks=ranks)
         rows = _normalise(L, P, dim=2, log_target=None, absent=None)
         P.div_(rows)  # exp(L) with rows summing to 1
         if tol is not None:
-            error = (P.sum(1, keepdim=True) / B - target).abs().sum((1, 2))
+            error = (_sample_sum(P.sum(1, keepdim=True), ranks) / B - target).abs().sum((1, 2))
             if bool(error.max() <= tol):
                 break
     return P, error
 
 
-def _normalise(L: torch.Tensor, P: torch.Tensor, *, dim: int, log_target, absent) -> torch.Tensor:
-    """Shift L in place so that its logsumexp over ``dim`` equals ``log_target`` (0 if None).
+def _normalise(L: torch.Tensor, P: torch.Tensor, *, dim: int, log_target, absent,
+               ranks: _Ranks | None = None) -> torch.Tensor:
+    """Shift L in place so that its logsumexp over ``dim`` equals ``log_target`` (0 if None);
+    with ``ranks`` (``dim`` 1, the samples), the max and the sums are those of all the ranks.
 
     Leaves ``P = exp(L_old - max)`` (max over ``dim``) and returns its sums over ``dim``.
     """
-    m = L.amax(dim, keepdim=True)
+    m = _sample_max(L.amax(dim, keepdim=True), ranks)
     torch.sub(L, m, out=P).exp_()
-    sums = P.sum(dim, keepdim=True)
+    sums = _sample_sum(P.sum(dim, keepdim=True), ranks)
     shift = m + sums.log()
     if log_target is not None:
         shift = (shift - log_target).masked_fill_(absent, 0.0)
