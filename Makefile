@@ -31,7 +31,7 @@ $(VENV)/.docs: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[docs]"
 	touch $@
 
-.PHONY: demo test test-all lint docs bench bench-check
+.PHONY: demo test test-all lint docs bench bench-full bench-check
 demo: $(VENV)/.base
 	$(PY) examples/demo.py
 
@@ -51,10 +51,20 @@ test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m "slow or not slow"
 
 # asv against the installed project (otcore and its peers side by side), then the ratio table.
-# BENCH='-b SinkhornCloud' narrows the run (asv's -b regex).
+# bench: the quick profile (smallest problems of every comparison, under 10 min on 2 cores), which
+# writes benchmarks/RESULTS_cpu.md; bench-full: OTCORE_BENCH=full, every size (benchmarks/problems.py),
+# table printed only. BENCH='-b SinkhornCloud' narrows either run (asv's -b regex) and keeps the
+# tracked table. forkserver: the suite is imported once, not once per parameter combination (the
+# NVML check keeps torch.cuda.is_available() from initialising CUDA in the server before it forks).
+ASV_RUN = PYTORCH_NVML_BASED_CUDA_CHECK=1 $(VENV)/bin/asv run --python=same --quick --launch-method forkserver \
+	--show-stderr --set-commit-hash $$(git rev-parse HEAD) $(BENCH)
 bench: $(VENV)/.peers
-	$(VENV)/bin/asv run --python=same --quick --show-stderr --set-commit-hash $$(git rev-parse HEAD) $(BENCH)
-	$(PY) -m benchmarks.report --device cpu $(if $(BENCH),,--out benchmarks/RESULTS_cpu.md)  # a narrowed run keeps the full table
+	OTCORE_BENCH=quick $(ASV_RUN)
+	OTCORE_BENCH=quick $(PY) -m benchmarks.report --device cpu $(if $(BENCH),,--out benchmarks/RESULTS_cpu.md)
+
+bench-full: $(VENV)/.peers
+	OTCORE_BENCH=full $(ASV_RUN)
+	OTCORE_BENCH=full $(PY) -m benchmarks.report --device cpu
 
 # Cheap validation of the suite for CI: discovery and one small class without saving results.
 bench-check: $(VENV)/.asv

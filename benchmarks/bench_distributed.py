@@ -32,7 +32,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,6 +43,8 @@ import torch.multiprocessing as mp
 import otcore
 import otcore.distributed
 from otcore.geometry import PointCloud
+
+from . import problems
 
 ITERS = 20
 
@@ -82,9 +86,19 @@ def _free_port() -> int:
 
 def sharded_seconds_per_iteration(n: int, world: int) -> float:
     """Seconds per iteration of ``RowSharded`` over ``world`` gloo processes (1 thread each)."""
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(world, _free_port(), n, queue), nprocs=world, join=True)
-    return queue.get()
+    # asv imports this suite through a meta-path hook, not sys.path; the spawned workers unpickle
+    # ``_worker`` by module name and need the suite's parent directory on the path they inherit.
+    root = str(Path(__file__).resolve().parents[1])
+    added = root not in sys.path
+    if added:
+        sys.path.append(root)
+    try:
+        queue = mp.get_context("spawn").SimpleQueue()
+        mp.spawn(_worker, args=(world, _free_port(), n, queue), nprocs=world, join=True)
+        return queue.get()
+    finally:
+        if added:
+            sys.path.remove(root)
 
 
 def one_process_seconds_per_iteration(n: int, threads: int) -> float:
@@ -101,7 +115,7 @@ def one_process_seconds_per_iteration(n: int, threads: int) -> float:
 class RowShardedIteration:
     """Per-iteration time (track_, seconds), one process vs ``RowSharded`` over 2 gloo processes."""
 
-    params = (["one_process", "one_process_1_thread", "row_sharded_2"], [2000, 8000])
+    params = (["one_process", "one_process_1_thread", "row_sharded_2"], problems.by_profile([2000], [2000, 8000]))
     param_names = ("impl", "n")
     timeout = 600
     number = 1

@@ -23,8 +23,8 @@ class Emd(peers.PeerCase):
 
 
 class Divergence(peers.PeerCase):
-    params = (["otcore", "otcore_scaled", "pot_log", "geomloss", "geomloss_online", "flash_sinkhorn"], [500, 2000],
-              problems.DEVICES)
+    params = (["otcore", "otcore_scaled", "pot_log", "geomloss", "geomloss_online", "flash_sinkhorn"],
+              problems.by_profile([500], [500, 2000]), problems.DEVICES)
     param_names = ("impl", "n", "device")
     timeout = 600
 

@@ -39,7 +39,7 @@ def _sync(device: torch.device) -> None:
 class Pooling:
     """Forward + backward of one (64, 512, 7, 7) batch."""
 
-    params = (["gsp", "average"], ["cpu", "cuda"])
+    params = (["gsp", "average"], problems.DEVICES)
     param_names: ClassVar[list[str]] = ["impl", "device"]
     timeout = 300
 

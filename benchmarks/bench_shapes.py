@@ -28,7 +28,7 @@ K = 50
 class LaplacianBasis:
     """k = 50 eigenpairs of an n-vertex mesh, float64 on the CPU."""
 
-    params = (["otcore", "scipy_eigsh"], [1_000, 5_000, 20_000])
+    params = (["otcore", "scipy_eigsh"], problems.by_profile([1_000, 5_000], [1_000, 5_000, 20_000]))
     param_names: ClassVar[list[str]] = ["impl", "n"]
     timeout = 600
 
@@ -48,7 +48,7 @@ class LaplacianBasis:
 class ShapeMatchingLossTime:
     """Forward + backward of ShapeMatchingLoss on n-vertex pairs: d = 64 features, k = 30."""
 
-    params = (["softmax", "sinkhorn"], [1_000, 5_000], problems.DEVICES)
+    params = (["softmax", "sinkhorn"], problems.by_profile([1_000], [1_000, 5_000]), problems.DEVICES)
     param_names: ClassVar[list[str]] = ["soft_map", "n", "device"]
     timeout = 600
 

@@ -25,8 +25,8 @@ def dense_inputs(n, dtype, device):
 
 
 class SinkhornDense(peers.PeerCase):
-    params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], [500, 2000], ["float64", "float32"],
-              [1e-1, 1e-2], problems.DEVICES)  # eps >= 1e-2: the kernel-domain reference stays finite
+    params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], problems.by_profile([500], [500, 2000]),
+              ["float64", "float32"], [1e-1, 1e-2], problems.DEVICES)  # eps >= 1e-2: the kernel-domain reference stays finite
     param_names = ("impl", "n", "dtype", "eps", "device")
     timeout = 600
 
@@ -65,8 +65,8 @@ class SinkhornIteration(peers.PeerCase):
     """Time of ITERS iterations (no early stop): per-iteration cost at larger n."""
 
     ITERS = 5
-    params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], [2000, 5000], ["float64", "float32"],
-              [1e-2, 1e-3], problems.DEVICES)
+    params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], problems.by_profile([500, 2000], [500, 2000, 5000]),
+              ["float64", "float32"], problems.by_profile([1e-2], [1e-2, 1e-3]), problems.DEVICES)
     param_names = ("impl", "n", "dtype", "eps", "device")
     timeout = 600
     number = 1
@@ -103,7 +103,7 @@ class _CloudCase(peers.PeerCase):
 
 
 class SinkhornCloud(_CloudCase):
-    params = (list(_CloudCase.IMPLS), [1000, 3000], problems.DEVICES)
+    params = (list(_CloudCase.IMPLS), problems.by_profile([1000], [1000, 3000]), problems.DEVICES)
 
     def time_solve(self, *params):
         self.run()

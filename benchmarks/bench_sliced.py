@@ -41,7 +41,8 @@ def otcore_sliced(x, y, a, b, theta) -> float:
 class Sliced:
     """CPU, float64: n points in d dimensions on both sides, 128 directions."""
 
-    params = (["otcore", "pot", "pot_torch"], [10_000, 100_000], [3, 64], ["uniform", "weighted"])
+    params = (["otcore", "pot", "pot_torch"], problems.by_profile([10_000], [10_000, 100_000]), [3, 64],
+              ["uniform", "weighted"])
     param_names: ClassVar[list[str]] = ["impl", "n", "d", "weights"]
     timeout = 600
 
@@ -64,7 +65,7 @@ class Sliced:
 class SlicedError:
     """|otcore - POT| / POT in float64 on the problems of ``Sliced``."""
 
-    params = ([10_000, 100_000], [3, 64], ["uniform", "weighted"])
+    params = (problems.by_profile([10_000], [10_000, 100_000]), [3, 64], ["uniform", "weighted"])
     param_names: ClassVar[list[str]] = ["n", "d", "weights"]
     timeout = 600
 

@@ -140,7 +140,7 @@ class PotNumpy(Peer):
     def divergence(self, x, y, *, eps, tol):
         import ot
 
-        return ot.bregman.empirical_sinkhorn_divergence(x, y, eps, stopThr=tol, numIterMax=10_000)
+        return ot.bregman.empirical_sinkhorn_divergence(x, y, eps, stopThr=tol, numIterMax=10_000, method=self.method)
 
     def summarize(self, out) -> Summary:
         if not isinstance(out, tuple):

@@ -1,9 +1,34 @@
-"""Problem generators shared by the benchmarks (deterministic, float64 then cast)."""
+"""Problem generators shared by the benchmarks (deterministic, float64 then cast), and the profile.
+
+Two profiles, chosen by the environment variable ``OTCORE_BENCH`` when asv imports the suite
+(asv fixes parameters at import, so the variable must be set for the whole ``asv`` command):
+
+* ``quick`` (the default, ``make bench``): every peer comparison on its smallest problems
+  (n = 500 dense, 1000 points, 10^4 sliced, the n = 500 assignment and the 8x8 digits for SNS);
+  under 4 minutes of the 10 it is allowed on 2 CPU cores (asv's forkserver, 2026-12-02);
+* ``full`` (``make bench-full``, ``OTCORE_BENCH=full``): every size, eps and problem family the
+  README and the issues quote (n up to 5000 dense, 3000 points, 10^5 sliced, 20 000-vertex
+  meshes, all eight SNS problems); not timed as a whole, expect well over half an hour.
+
+``by_profile(quick, full)`` returns the parameter list of the active profile.
+"""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
+
+#: The active profile: "quick" unless OTCORE_BENCH=full.
+PROFILE = os.environ.get("OTCORE_BENCH", "quick")
+if PROFILE not in ("quick", "full"):
+    raise ValueError(f"OTCORE_BENCH must be 'quick' or 'full', got {PROFILE!r}")
+
+
+def by_profile(quick: list, full: list) -> list:
+    """``full`` under OTCORE_BENCH=full, else ``quick`` (a parameter list of an asv benchmark)."""
+    return full if PROFILE == "full" else quick
 
 
 def clouds(n: int, d: int = 2, seed: int = 0, m: int | None = None):

@@ -3,8 +3,9 @@
 Usage: python -m benchmarks.report [--results .asv/results] [--device cpu|cuda] [--out FILE]
 
 For every benchmark whose first parameter is the implementation, each row is one problem (the
-other parameters) and each column one implementation: its measurement and, for peers, the ratio
-peer / otcore (> 1: otcore is faster or smaller). Skipped or failed runs print "-".
+other parameters) and each column one implementation: its measurement and, for the others, the
+ratio to the first otcore column (``otcore``, ``otcore_sns``, ``otcore_loss``, ...; > 1: otcore is
+faster or smaller). Skipped or failed runs print "-".
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import math
 import platform
 from pathlib import Path
+
+from .problems import PROFILE
 
 
 def latest_results(root: Path) -> Path:
@@ -45,6 +48,7 @@ def tables(data: dict, benchmarks: dict, device: str | None) -> list[str]:
         params = row[i_params]
         values = dict(zip(itertools.product(*params), row[i_result]))
         impls = [p.strip("'") for p in params[0]]
+        base_impl = next((impl for impl in impls if impl.startswith("otcore")), None)
         unit = meta.get("unit", "")
         keep = [i for i, n in enumerate(names[1:], 1) if n != "device"]
         header_rows = []
@@ -54,13 +58,13 @@ def tables(data: dict, benchmarks: dict, device: str | None) -> list[str]:
             cells = {impl: values.get((f"'{impl}'", *rest)) for impl in impls}
             if all(v is None or math.isnan(v) for v in cells.values()):
                 continue
-            base = cells.get("otcore")
+            base = cells.get(base_impl)
             text = []
             for impl in impls:
                 v = cells[impl]
                 if v is None or math.isnan(v):
                     text.append("-")
-                elif impl == "otcore" or base in (None, 0) or math.isnan(base) or unit not in ("seconds", "bytes"):
+                elif impl == base_impl or base in (None, 0) or math.isnan(base) or unit not in ("seconds", "bytes"):
                     text.append(fmt(v, unit))
                 else:
                     text.append(f"{fmt(v, unit)} ({v / base:.2g}x)")
@@ -84,8 +88,8 @@ def main():
     machine = json.loads((path.parent / "machine.json").read_text())
     when = datetime.datetime.fromtimestamp(path.stat().st_mtime).date()
     head = (f"asv results {path.name} (commit {data.get('commit_hash', '?')[:8]}), {when}, machine "
-            f"{machine.get('machine', platform.node())}: {machine.get('cpu', '')}, {machine.get('num_cpu', '?')} cores. "
-            "Cells: measurement (peer / otcore).")
+            f"{machine.get('machine', platform.node())}: {machine.get('cpu', '')}, {machine.get('num_cpu', '?')} cores, "
+            f"profile {PROFILE}. Cells: measurement (ratio to the first otcore column).")
     text = "\n".join([head, *tables(data, benchmarks, args.device)])
     print(text)
     if args.out:
