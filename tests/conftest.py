@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
+import socket
+import time
+import warnings
 
 import numpy as np
 import pytest
@@ -37,6 +42,87 @@ def sqdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def xlogy_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Generalised KL(p || q) = sum p log(p/q) - p + q, with 0 log 0 = 0."""
     return (torch.special.xlogy(p, p) - torch.special.xlogy(p, q) - p + q).sum()
+
+
+def random_cov(d: int, gen: torch.Generator, low: float = 0.5, high: float = 2.0) -> torch.Tensor:
+    """R diag(log-spaced in [low, high]) R^T with a random orthogonal R (the ENOT benchmark's recipe)."""
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
+    return Q @ torch.diag(torch.logspace(math.log10(low), math.log10(high), d, dtype=F64)) @ Q.T
+
+
+def draw(mean: torch.Tensor, cov: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n samples of N(mean, cov), float64."""
+    return torch.randn(n, mean.shape[-1], generator=gen, dtype=F64) @ torch.linalg.cholesky(cov).T + mean
+
+
+def gaussian_problem(d: int, gen: torch.Generator):
+    """(m0, S0, m1, S1): random means and ``random_cov`` covariances, drawn in that order."""
+    m0, S0 = torch.randn(d, generator=gen, dtype=F64), random_cov(d, gen)
+    return m0, S0, torch.randn(d, generator=gen, dtype=F64), random_cov(d, gen)
+
+
+def run_python_blocks(blocks: list[str], source: str) -> None:
+    """Run documentation code blocks in order in one namespace, warnings as errors; blocks that
+    mention "cuda" are skipped without a GPU (not all of them)."""
+    namespace: dict = {"__name__": "docs"}
+    skipped = []
+    for k, block in enumerate(blocks):
+        if "cuda" in block and not torch.cuda.is_available():
+            skipped.append(k)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            exec(compile(block, f"{source} python block {k}", "exec"), namespace)  # noqa: S102
+    assert len(skipped) < len(blocks), "every block was skipped"
+
+
+def shard_slice(sizes: list[int], rank: int) -> slice:
+    """The rows of ``rank`` when consecutive shards have the given sizes."""
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_entry(rank, world, port, timeout, fn, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn, world: int, *args, timeout: float) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned gloo processes on the CPU; fail the
+    test (rather than hang CI) when they are still running after ``timeout`` seconds."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_gloo_entry, args=(world, _free_port(), timeout, fn, args), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed workers still running after {timeout} s (a hung collective?)")
+
+
+@pytest.fixture
+def one_thread():
+    """Small batches gain nothing from threads and lose much to oversubscription on a loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -1,15 +1,12 @@
 """otcore.distributed.RowSharded: sharded Sinkhorn over 2 and 3 gloo processes on the CPU
 against one process solving the whole problem in float64 (log domain)."""
 
-import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_gloo, shard_slice
 
 import otcore
 import otcore.distributed
@@ -30,40 +27,6 @@ def _problem(sizes):
     b = torch.rand(m, generator=g, dtype=torch.float64) + 0.5
     return {"x": x, "y": y, "a": a / a.sum(), "b": b / b.sum(), "c": torch.randn(n, generator=g, dtype=torch.float64),
             "d": torch.randn(m, generator=g, dtype=torch.float64)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _launch(fn, world, *args):
-    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; fail (not hang) after TIMEOUT_S."""
-    ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed workers still running after {TIMEOUT_S} s (a hung collective?)")
-
-
-def _slice(sizes, rank):
-    start = sum(sizes[:rank])
-    return slice(start, start + sizes[rank])
 
 
 def _solves(geom, a, b, p, rows):
@@ -87,7 +50,7 @@ def _solves(geom, a, b, p, rows):
 
 
 def _worker(rank, world, sizes, p, path):
-    rows = _slice(sizes, rank)
+    rows = shard_slice(sizes, rank)
     geom = otcore.distributed.RowSharded(PointCloud(p["x"][rows], p["y"]))
     out = _solves(geom, p["a"][rows], p["b"], p, rows)
     cost = torch.cdist(p["x"][rows], p["y"]) ** 2
@@ -117,7 +80,7 @@ def _worker(rank, world, sizes, p, path):
 @pytest.mark.parametrize("sizes", [[4, 7], [2, 5, 4]])
 def test_row_sharded_sinkhorn_matches_one_process(sizes, tmp_path):
     p = _problem(sizes)
-    _launch(_worker, len(sizes), sizes, p, str(tmp_path))
+    run_gloo(_worker, len(sizes), sizes, p, str(tmp_path), timeout=TIMEOUT_S)
     whole = _solves(PointCloud(p["x"], p["y"]), p["a"], p["b"], p, slice(None))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
     close = {"rtol": 0, "atol": 1e-10}
@@ -125,7 +88,7 @@ def test_row_sharded_sinkhorn_matches_one_process(sizes, tmp_path):
     gauge = (whole["g"] - ranks[0]["g"]).mean()
     torch.testing.assert_close(f, whole["f"] - gauge, **close)
     for rank, r in enumerate(ranks):
-        rows = _slice(sizes, rank)
+        rows = shard_slice(sizes, rank)
         # global on every rank: value, plan statistics and plan products over the rows
         for key in ("value", "transport_cost", "marginal_error", "apply_T", "cost_matrix_value"):
             torch.testing.assert_close(r[key], whole[key if key != "cost_matrix_value" else "value"], **close)

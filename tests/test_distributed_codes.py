@@ -2,16 +2,13 @@
 gloo processes on the CPU, against one process on the concatenation and an independent float64
 log-domain Sinkhorn-Knopp (SwAV's order: columns, then rows)."""
 
-import datetime
 import math
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_gloo, shard_slice
 
 from otcore.nn import clustering, sinkhorn_codes
 
@@ -19,40 +16,6 @@ F64 = torch.float64
 K = 7
 TIMEOUT_S = 60  # a hung collective fails the test after this long
 CLOSE = {"rtol": 0, "atol": 1e-12}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _launch(fn, world, *args):
-    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; fail (not hang) after TIMEOUT_S."""
-    ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed workers still running after {TIMEOUT_S} s (a hung collective?)")
-
-
-def _slice(sizes, rank):
-    start = sum(sizes[:rank])
-    return slice(start, start + sizes[rank])
 
 
 def _cases(sizes):
@@ -80,7 +43,7 @@ def _cases(sizes):
 
 
 def _worker(rank, world, sizes, path):
-    rows = _slice(sizes, rank)
+    rows = shard_slice(sizes, rank)
     out = {}
     for name, (scores, kwargs) in _cases(sizes).items():
         out[name] = sinkhorn_codes(scores[..., rows, :], group="default", **kwargs)
@@ -128,7 +91,7 @@ def _reference(S, eps, n_iter, tol=None, cluster_weights=None):
 
 @pytest.mark.parametrize("sizes", [[5, 9], [3, 8, 6]])
 def test_distributed_codes_match_one_process(sizes, tmp_path):
-    _launch(_worker, len(sizes), sizes, str(tmp_path))
+    run_gloo(_worker, len(sizes), sizes, str(tmp_path), timeout=TIMEOUT_S)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
     for name, (scores, kwargs) in _cases(sizes).items():
         whole = sinkhorn_codes(scores, **kwargs)
@@ -144,7 +107,7 @@ def test_distributed_codes_match_one_process(sizes, tmp_path):
     # the fallback was decided for all: the last rank's underflow sends every rank to the log
     # domain, although the other ranks' samples alone would stay in the kernel scalings
     assert [r["exact"] for r in ranks] == [False] * len(sizes)
-    first = _cases(sizes)["fallback"][0][_slice(sizes, 0)].unsqueeze(0)
+    first = _cases(sizes)["fallback"][0][shard_slice(sizes, 0)].unsqueeze(0)
     assert bool(clustering._scaled_sinkhorn(first, eps=0.2, w=torch.full((1, 1, K), 1.0 / K, dtype=F64), n_iter=3,
                                             tol=None)[2])
     for rank, r in enumerate(ranks):

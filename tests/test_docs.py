@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import re
 import textwrap
-import warnings
 from pathlib import Path
 
-import torch
+from conftest import run_python_blocks
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "getting-started.rst"
 DIRECTIVE = re.compile(r"^([ \t]*)\.\. (?:code-block|code|sourcecode)::[ \t]*python3?[ \t]*$")
@@ -69,13 +68,4 @@ def test_getting_started_blocks_run():
     assert blocks, "docs/getting-started.rst has no python blocks"
     # every python directive of the page was read (a misspelt one would silently not run)
     assert len(blocks) == len(re.findall(r"::\s*python", text)) + text.count("```python")
-    namespace: dict = {"__name__": "getting_started"}
-    skipped = []
-    for k, block in enumerate(blocks):
-        if "cuda" in block and not torch.cuda.is_available():
-            skipped.append(k)
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            exec(compile(block, f"docs/getting-started.rst python block {k}", "exec"), namespace)  # noqa: S102
-    assert len(skipped) < len(blocks), "every block was skipped"
+    run_python_blocks(blocks, "docs/getting-started.rst")

@@ -4,32 +4,13 @@ EOT plan (otcore.neural.gaussian), checkpoints and bad inputs."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from conftest import gaussian_problem
 
 from otcore.neural import ENOT, gaussian
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gaussian_problem(d: int, gen: torch.Generator):
-    """The problem of test_lightsb's accuracy test: random means, R diag(log-spaced in [0.5, 2]) R^T."""
-    def cov():
-        Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
-        return Q @ torch.diag(torch.logspace(math.log10(0.5), math.log10(2.0), d, dtype=F64)) @ Q.T
-
-    m0, S0 = torch.randn(d, generator=gen, dtype=F64), cov()
-    return m0, S0, torch.randn(d, generator=gen, dtype=F64), cov()
 
 
 def draw(mean, cov, n, gen):

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import sqdist
+from conftest import draw, gaussian_problem, sqdist
 
 import otcore
 from otcore.neural import LightSB, MixtureBridge, gaussian
@@ -19,24 +19,6 @@ from otcore.neural.lightsb import brownian_bridge
 
 F64 = torch.float64
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture
-def one_thread():
-    """Batches of a few hundred points gain nothing from threads on a loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_cov(d: int, gen: torch.Generator) -> torch.Tensor:
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
-    return Q @ torch.diag(torch.logspace(math.log10(0.5), math.log10(2.0), d, dtype=F64)) @ Q.T
-
-
-def draw(mean: torch.Tensor, cov: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(n, mean.shape[-1], generator=gen, dtype=F64) @ torch.linalg.cholesky(cov).T + mean
 
 
 def random_model(d: int, covariance: str, gen: torch.Generator, eps: float = 0.7, K: int = 3) -> LightSB:
@@ -68,8 +50,7 @@ def test_lightsb_defaults_solve_gaussian_eot(one_thread, eps):
     against the closed form (the paper's level is <= 1-2 %)."""
     gen = torch.Generator().manual_seed(0)
     d = 2
-    m0, S0 = torch.randn(d, generator=gen, dtype=F64), random_cov(d, gen)
-    m1, S1 = torch.randn(d, generator=gen, dtype=F64), random_cov(d, gen)
+    m0, S0, m1, S1 = gaussian_problem(d, gen)
     x, y = draw(m0, S0, 20000, gen).float(), draw(m1, S1, 20000, gen).float()
     model = LightSB(d, eps=eps).fit(x, y, seed=0, progress=False)
     test_x = draw(m0, S0, 20000, gen)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import sqdist
+from conftest import draw, random_cov, sqdist
 
 import otcore
 from otcore.neural import fit_map, fit_monge_map, gaussian, monge_gap
@@ -18,19 +18,9 @@ from otcore.neural import fit_map, fit_monge_map, gaussian, monge_gap
 F64 = torch.float64
 
 
-def random_cov(d: int, gen: torch.Generator, low: float = 0.5, high: float = 2.0) -> torch.Tensor:
-    """R diag(log-spaced in [low, high]) R^T with a random orthogonal R (the ENOT benchmark's recipe)."""
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
-    return Q @ torch.diag(torch.logspace(math.log10(low), math.log10(high), d, dtype=F64)) @ Q.T
-
-
 def gaussian_pair(d: int, gen: torch.Generator):
     m0, m1 = torch.randn(d, generator=gen, dtype=F64), torch.randn(d, generator=gen, dtype=F64)
     return m0, random_cov(d, gen), m1, random_cov(d, gen)
-
-
-def draw(mean: torch.Tensor, cov: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(n, mean.shape[-1], generator=gen, dtype=F64) @ torch.linalg.cholesky(cov).T + mean
 
 
 def moments(s: torch.Tensor):
@@ -246,16 +236,6 @@ def test_monge_gap_gradcheck(gen):
 
 
 # ---------------------------------------------------------------- fit_monge_map
-
-
-@pytest.fixture
-def one_thread():
-    """Batches of 128 points gain nothing from threads and lose much to oversubscription on a
-    loaded CPU (the suite runs beside other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_fit_monge_map_recovers_gaussian_w2_map(one_thread):

@@ -8,10 +8,9 @@ fails. Blocks that need CUDA (they mention "cuda") are skipped on machines witho
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
-import torch
+from conftest import run_python_blocks
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -30,13 +29,4 @@ def test_python_blocks_are_found():
 def test_readme_blocks_run():
     blocks = python_blocks(README.read_text())
     assert blocks, "README.md has no python blocks"
-    namespace: dict = {"__name__": "readme"}
-    skipped = []
-    for k, block in enumerate(blocks):
-        if "cuda" in block and not torch.cuda.is_available():
-            skipped.append(k)
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            exec(compile(block, f"README.md python block {k}", "exec"), namespace)  # noqa: S102
-    assert len(skipped) < len(blocks), "every block was skipped"
+    run_python_blocks(blocks, "README.md")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from otcore._validation import _real, check_max_iter
+from otcore._validation import _real, check_finite, check_max_iter
 
 Sampler = Callable[[int], torch.Tensor]
 
@@ -158,3 +158,14 @@ class Checkpoint:
         tmp = self.path.with_name(self.path.name + ".tmp")
         torch.save({"step": done, "state": states}, tmp)
         os.replace(tmp, self.path)
+
+
+def model_input(x: torch.Tensor, dim: int, param: torch.Tensor) -> torch.Tensor:
+    """Points x (n, dim) given to a fitted model, checked (finite, shape, the model's device) and
+    cast to the dtype of its parameter ``param``."""
+    check_finite("x", x)
+    if x.dim() != 2 or x.shape[-1] != dim:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected (n, {dim})")
+    if x.device != param.device:
+        raise ValueError(f"x is on {x.device} but the model is on {param.device}; move one of them")
+    return x.to(param.dtype)

@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import torch
 
-from otcore._validation import check_finite, check_max_iter, check_positive
-from otcore.neural._training import Checkpoint, Sampler, batches, device_generator, seeded_generator
+from otcore._validation import check_max_iter, check_positive
+from otcore.neural._training import Checkpoint, Sampler, batches, device_generator, model_input, seeded_generator
 from otcore.neural._training import progress as progress_bar
 
 
@@ -129,13 +129,7 @@ class ENOT(torch.nn.Module):
         return path.to(x.dtype)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        check_finite("x", x)
-        if x.dim() != 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"x has shape {tuple(x.shape)}, expected (n, {self.dim})")
-        param = next(self.drift.parameters())
-        if x.device != param.device:
-            raise ValueError(f"x is on {x.device} but the model is on {param.device}; move one of them")
-        return x.to(param.dtype)
+        return model_input(x, self.dim, next(self.drift.parameters()))
 
     def fit(
         self,
