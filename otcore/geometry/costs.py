@@ -62,10 +62,18 @@ def pairwise_cost(x: torch.Tensor, y: torch.Tensor, cost: str | float | CostFn) 
     if cost == "sqeuclidean":
         return squared_distances(x, y)
     if cost == "euclidean":
+        if x.shape[-1] <= DIRECT_DISTANCE_MAX_DIM:
+            return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
         return _safe_sqrt(squared_distances(x, y))
     if cost == "cosine":
         return torch.bmm(unit_vectors(x), unit_vectors(y).mT).neg_().add_(1.0)
     return torch.cdist(x, y, p=float(cost))
+
+
+#: Up to this dimension |x - y| is computed from the differences (exact 0 for equal points, and
+#: faster there); above it from the expansion |x|^2 + |y|^2 - 2<x, y> (a matrix product), whose
+#: square root carries an absolute error of about sqrt(u) |x| near x = y.
+DIRECT_DISTANCE_MAX_DIM = 16
 
 
 def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:

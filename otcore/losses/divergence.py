@@ -1,31 +1,32 @@
-"""Debiased Sinkhorn divergence between point clouds, all three transport problems in one loop."""
+"""Debiased Sinkhorn divergence (balanced or unbalanced), all three transport problems in one loop."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from otcore._validation import check_max_iter, check_positive, check_ratio, check_tol
+from otcore._validation import check_max_iter, check_positive, check_ratio, check_rho, check_tol
 from otcore.core.loop import SinkhornProgress, fixed_point_loop, progress_callbacks, resolve_check_every
 from otcore.core.problem import prepare_problem, warn_not_converged
-from otcore.geometry import PointCloud
-from otcore.solvers.entropic.dual import absolute_eps, default_tol, dual_value, eps_schedule, row_error
+from otcore.geometry import CostMatrix, Geometry, PointCloud, as_geometry
+from otcore.solvers.entropic.dual import absolute_eps, default_tol, dual_value, eps_schedule, row_error, tau_of
 from otcore.solvers.entropic.scaling import stabilised_kernel
 from otcore.solvers.entropic.sinkhorn import GRAD_MODES, refresh_zero_weight, sinkhorn_step
 
-INF = float("inf")
-
-
 def sinkhorn_divergence(
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x,
+    y: torch.Tensor | None = None,
     a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
     *,
     eps: float,
-    cost="sqeuclidean",
-    backend: str = "auto",
+    cost=None,
+    backend: str | None = None,
+    self_costs: tuple | None = None,
+    rho: float | None = None,
     tol: float | None = None,
     max_iter: int = 2000,
     grad: str = "implicit",
@@ -37,29 +38,47 @@ def sinkhorn_divergence(
     validate: bool = True,
     relative_eps: str | None = None,
 ) -> torch.Tensor:
-    """``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2`` between point clouds.
+    """``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2 (+ eps/2 (|a| - |b|)^2)``.
 
-    ``OT_eps`` is ``sinkhorn(...).value`` (<P, C> + eps KL(P || a x b)). S is exactly 0 for
-    identical inputs (the same tensors, or equal ones when ``validate``), symmetric, and smooth
-    in x, y, a, b. It is >= 0 when exp(-C/eps) is a positive definite kernel: the
-    squared-Euclidean and Euclidean costs and p-norms with p <= 2 (Feydy et al. 2019, Thm. 1).
-    For these costs the result is clamped at 0: the three terms are computed separately (each
-    within ``tol`` of its optimum), so nearly identical inputs can otherwise give a difference a
-    few rounding errors below 0; where the clamp acts S is at its minimum and its gradient is 0.
-    Other p-norms are returned unclamped. Weights keep their mass (not normalised), as in
-    ``sinkhorn``.
+    ``OT_eps`` is ``sinkhorn(...).value`` (<P, C> + eps KL(P || a x b), plus the marginal
+    penalties rho KL(P1 || a) + rho KL(P^T 1 || b) when ``rho`` is finite). The mass term
+    eps/2 (|a| - |b|)^2 (Sejourne et al. 2019, Def. 6) is 0 for balanced problems. S is exactly 0
+    for identical inputs (the same tensors, or equal ones when ``validate``), symmetric, and
+    smooth in the points, the costs and the weights. It is >= 0 when exp(-C/eps) is a positive
+    definite kernel: the squared-Euclidean, Euclidean, cosine and L1 costs and p-norms with
+    p <= 2 (Feydy et al. 2019, Thm. 1; Sejourne et al. 2019, Thm. 1 for finite rho). For these
+    costs the result is clamped at 0: the three terms are computed separately (each within
+    ``tol`` of its optimum), so nearly identical inputs can otherwise give a difference a few
+    rounding errors below 0; where the clamp acts S is at its minimum and its gradient is 0.
+    Other costs (other p-norms, callables, cost matrices) are returned unclamped. Weights keep
+    their mass (not normalised), as in ``sinkhorn``.
     The cross potentials advance by alternating Sinkhorn updates and the two self-transport
     potentials by averaged symmetric updates (which converge where alternating ones oscillate),
     all in one loop; a self term stops being updated once it has converged.
 
+    Three ways to give the measures:
+
+    * points: ``sinkhorn_divergence(x, y, a, b, eps=...)`` with x (n, d) / (B, n, d) and
+      y (m, d) / (B, m, d), the cost named by ``cost`` (default ``"sqeuclidean"``);
+    * a point cloud: ``sinkhorn_divergence(PointCloud(x, y, cost=...), a=a, b=b, eps=...)``
+      (its cost and backend are used; ``cost`` and ``backend`` must then be left unset);
+    * cost matrices: ``sinkhorn_divergence(C_xy, a=a, b=b, self_costs=(C_xx, C_yy), eps=...)``
+      with C_xy (n, m), C_xx (n, n) and C_yy (m, m) (or batched (B, ., .)), tensors or
+      ``CostMatrix`` geometries; C_xx and C_yy must be symmetric (checked when ``validate``).
+
     Args:
-        x: (n, d) / (B, n, d) source points.
-        y: (m, d) / (B, m, d) target points.
-        a: weights of x (None: uniform).
-        b: weights of y (None: uniform); the same total mass as ``a``.
+        x: source points, a ``PointCloud``, or the cost matrix C_xy (see above).
+        y: target points (points only; None otherwise).
+        a: (n,) / (B, n) weights of the sources (None: uniform 1/n).
+        b: (m,) / (B, m) weights of the targets (None: uniform 1/m); balanced problems need the
+            same total mass as ``a``.
         eps: regularisation (> 0), in the units of the cost.
-        cost: as in ``PointCloud``.
-        backend: as in ``PointCloud``.
+        cost: for points, as in ``PointCloud`` (None: ``"sqeuclidean"``, |x - y|^2).
+        backend: for points, as in ``PointCloud`` (None: ``"auto"``).
+        self_costs: ``(C_xx, C_yy)`` when ``x`` is a cost matrix.
+        rho: KL penalty on both marginals (> 0, in the units of the cost; POT's ``reg_m``;
+            None or inf: balanced). GeomLoss's ``reach`` r with its cost |x - y|^p / p is
+            rho = r^p in its units: see ``otcore.nn.SinkhornLoss`` for that spelling.
         tol: stop when every term's marginal error is <= tol (default as in ``sinkhorn``;
             0: run exactly ``max_iter`` iterations).
         max_iter: iteration cap (one iteration updates all three problems).
@@ -83,20 +102,27 @@ def sinkhorn_divergence(
     Returns:
         () or (B,) tensor.
 
+    Raises:
+        ValueError: bad shapes or values (as ``sinkhorn``), ``y`` missing for points or given
+            beside a geometry or cost matrix, ``cost``/``backend`` beside a geometry, self costs
+            of the wrong shapes or not symmetric.
+
     Reference: Feydy, Sejourne, Vialard, Amari, Trouve, Peyre, "Interpolating between optimal
     transport and MMD using Sinkhorn divergences", AISTATS 2019 (Sec. 3.1, the symmetric
-    updates); GeomLoss's ``sinkhorn_loop`` (one loop for the three problems).
+    updates); Sejourne, Feydy, Vialard, Trouve, Peyre, "Sinkhorn divergences for unbalanced
+    optimal transport", arXiv:1910.12958 (the unbalanced divergence); GeomLoss's
+    ``sinkhorn_loop`` (one loop for the three problems).
     """
     return divergence_and_potentials(
-        x, y, a, b, eps=eps, cost=cost, backend=backend, tol=tol, max_iter=max_iter, grad=grad,
-        eps_scaling=eps_scaling, check_every=check_every, callback=callback, verbose=verbose, warn=warn,
-        validate=validate, relative_eps=relative_eps)[0]
+        x, y, a, b, eps=eps, cost=cost, backend=backend, self_costs=self_costs, rho=rho, tol=tol,
+        max_iter=max_iter, grad=grad, eps_scaling=eps_scaling, check_every=check_every, callback=callback,
+        verbose=verbose, warn=warn, validate=validate, relative_eps=relative_eps)[0]
 
 
 def divergence_and_potentials(
-    x, y, a=None, b=None, *, eps, cost="sqeuclidean", backend="auto", tol=None, max_iter=2000, grad="implicit",
-    eps_scaling=None, check_every=None, callback=None, verbose=False, warn=True, validate=True,
-    init: tuple[torch.Tensor, ...] | None = None, relative_eps: str | None = None,
+    x, y=None, a=None, b=None, *, eps, cost=None, backend=None, self_costs=None, rho=None, tol=None,
+    max_iter=2000, grad="implicit", eps_scaling=None, check_every=None, callback=None, verbose=False, warn=True,
+    validate=True, init: tuple[torch.Tensor, ...] | None = None, relative_eps: str | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """``sinkhorn_divergence`` (same arguments), and the potentials it ended at: a warm start.
 
@@ -110,22 +136,23 @@ def divergence_and_potentials(
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     max_iter = check_max_iter("max_iter", max_iter)
     eps_scaling = check_ratio("eps_scaling", eps_scaling)
-    cross = PointCloud(x, y, cost=cost, backend=backend, validate=validate)  # names x and y in its errors
-    problem = prepare_problem(cross, a, b, balanced=True, validate=validate)
+    rho = math.inf if rho is None else check_rho("rho", rho, 1.0, "tau")
+    measures = _three_problems(x, y, cost=cost, backend=backend, self_costs=self_costs, validate=validate)
+    problem = prepare_problem(measures.cross, a, b, balanced=math.isinf(rho), validate=validate)
     geom, wa, wb = problem.geom, problem.a, problem.b
+    self_x, self_y = measures.self_geometries(geom, validate=validate)
     eps = absolute_eps(geom, eps, relative_eps)
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
     checks = resolve_check_every(check_every, geom.device)
     callbacks = progress_callbacks("sinkhorn_divergence", callback, verbose)
-    xs, ys = geom.tensors
-    self_x, self_y = geom.with_tensors(xs, xs), geom.with_tensors(ys, ys)
     unroll = grad == "unroll"
-    identical = not unroll and same_measures(x, y, a, b, compare_values=validate)
+    identical = not unroll and measures.points is not None and same_measures(
+        *measures.points, a, b, compare_values=validate)
 
     with torch.set_grad_enabled(unroll and torch.is_grad_enabled()):  # no kernels for unrolling
         cross_kernel = stabilised_kernel(geom, eps, "auto")
-        term_x = _SelfTerm(self_x, wa, settle_at=tol if tol > 0 else None, eps=eps)
-        term_y = _SelfTerm(self_y, wb, settle_at=tol if tol > 0 else None, eps=eps)
+        term_x = _SelfTerm(self_x, wa, settle_at=tol if tol > 0 else None, eps=eps, rho=rho)
+        term_y = _SelfTerm(self_y, wb, settle_at=tol if tol > 0 else None, eps=eps, rho=rho)
     iteration = [0]
 
     def step(state, e):
@@ -136,7 +163,7 @@ def divergence_and_potentials(
             p_new, error, p_kept = term_x.update(p, e, check=False)
             return (p_new,), error, (p_kept,)
         f, g, px, py = state
-        f_new, g_new, error = sinkhorn_step(geom, wa, wb, f, g, eps=e, rho_a=INF, rho_b=INF, kernel=cross_kernel)
+        f_new, g_new, error = sinkhorn_step(geom, wa, wb, f, g, eps=e, rho_a=rho, rho_b=rho, kernel=cross_kernel)
         px_new, error_x, px_kept = term_x.update(px, e, check=check)
         py_new, error_y, py_kept = term_y.update(py, e, check=check)
         for error_self in (error_x, error_y):
@@ -167,28 +194,99 @@ def divergence_and_potentials(
         g, px, py = p, p, p
     else:
         _, g, px, py = state  # the value needs g alone (f enters as the c-transform of g)
-    ot_xy = dual_value(geom, wa, wb, g, eps=eps)
-    ot_xx = dual_value(self_x, wa, wa, px, eps=eps)
-    ot_yy = dual_value(self_y, wb, wb, py, eps=eps)
+    ot_xy = dual_value(geom, wa, wb, g, eps=eps, rho_a=rho, rho_b=rho)
+    ot_xx = dual_value(self_x, wa, wa, px, eps=eps, rho_a=rho, rho_b=rho)
+    ot_yy = dual_value(self_y, wb, wb, py, eps=eps, rho_a=rho, rho_b=rho)
     value = ot_xy - 0.5 * ot_xx - 0.5 * ot_yy
-    if _positive_kernel(cost):
+    if not math.isinf(rho):
+        value = value + 0.5 * eps * (geom.total(wa, 0) - geom.total(wb, 1)) ** 2
+    if measures.positive_kernel:
         value = value.clamp(min=0)  # S >= 0 in exact arithmetic: see the docstring
     potentials = tuple(t.detach() for t in outcome.state)
     return (value if problem.batched else value.squeeze(0)).to(problem.out_dtype), potentials
 
 
-class _SelfTerm:
-    """The self-transport potential p = softmin(C, p; w) of a symmetric problem (C = C^T, b = a).
+@dataclass(frozen=True)
+class _Measures:
+    """The cross geometry as the user gave it, and how to make the two self-transport ones."""
 
-    Averaged updates p <- (p + softmin(p)) / 2 converge in a few iterations where the alternating
-    Sinkhorn map oscillates (Feydy et al. 2019, Sec. 3.1). Once every problem of the batch has
-    reached ``settle_at`` at the target ``eps`` (read on the host at checks only), the term stops
-    computing: its measured potential is kept and it reports no error. The settling iteration
-    depends on ``check_every``, so the result does too, within ``tol``.
+    cross: Geometry
+    self_costs: tuple[Geometry, Geometry] | None  # cost matrices C_xx, C_yy; None: from the points
+    points: tuple[torch.Tensor, torch.Tensor] | None  # x, y as given (for ``same_measures``)
+    positive_kernel: bool
+
+    def self_geometries(self, geom: Geometry, *, validate: bool) -> tuple[Geometry, Geometry]:
+        """(x <-> x, y <-> y) geometries matching the prepared cross ``geom`` (B, n, m): its dtype
+        and batch size."""
+        if self.self_costs is None:
+            xs, ys = geom.tensors
+            return geom.with_tensors(xs, xs), geom.with_tensors(ys, ys)
+        B, n, m = geom.shape
+        prepared = []
+        for name, c, size in (("self_costs[0] (C_xx)", self.self_costs[0], n), ("self_costs[1] (C_yy)",
+                                                                               self.self_costs[1], m)):
+            Bc, rows, cols = c.shape
+            if (rows, cols) != (size, size) or Bc not in (1, B):
+                raise ValueError(f"{name} must have shape ({size}, {size}) or ({B}, {size}, {size}) for a cost "
+                                 f"of shape {tuple(geom.shape)}, got {(Bc, rows, cols) if c.batched else (rows, cols)}")
+            c = c.to_dtype(geom.dtype).broadcast_to(B)
+            if validate:
+                C = c.materialize()
+                asymmetry = float((C - C.mT).abs().amax())
+                if asymmetry > 1e3 * torch.finfo(C.dtype).eps * max(float(C.abs().amax()), 1.0):
+                    raise ValueError(f"{name} must be symmetric (a cost between a measure and itself), "
+                                     f"max |C - C^T| = {asymmetry:.3g}")
+            prepared.append(c)
+        return prepared[0], prepared[1]
+
+
+def _three_problems(x, y, *, cost, backend, self_costs, validate: bool) -> _Measures:
+    """Read the three ways of giving the measures (see ``sinkhorn_divergence``)."""
+    if isinstance(x, PointCloud) or (self_costs is None and not isinstance(x, Geometry)):
+        if self_costs is not None:
+            raise ValueError("self_costs is for cost matrices; a PointCloud makes its own")
+        if isinstance(x, PointCloud):
+            if y is not None or cost is not None or backend is not None:
+                raise ValueError("given a PointCloud, leave y, cost and backend unset (the geometry holds them)")
+            geom = x
+        else:
+            if y is None:
+                raise ValueError("y is missing: give points x and y, a PointCloud, or a cost matrix C_xy with "
+                                 "self_costs=(C_xx, C_yy)")
+            geom = PointCloud(x, y, cost="sqeuclidean" if cost is None else cost,
+                              backend="auto" if backend is None else backend, validate=validate)
+        points = geom.tensors if isinstance(x, PointCloud) else (x, y)
+        return _Measures(cross=geom, self_costs=None, points=(points[0], points[1]),
+                         positive_kernel=_positive_kernel(geom.cost))
+    if y is not None or cost is not None or backend is not None:
+        raise ValueError("given a cost matrix C_xy, leave y, cost and backend unset")
+    if self_costs is None:
+        raise ValueError(f"x is a {type(x).__name__}: give self_costs=(C_xx, C_yy) as well, the costs of "
+                         "each measure with itself (only a PointCloud derives them)")
+    if not isinstance(self_costs, (tuple, list)) or len(self_costs) != 2:
+        raise ValueError(f"self_costs must be a pair (C_xx, C_yy), got {type(self_costs).__name__}")
+    cross = as_geometry(x, validate=validate)
+    pair = tuple(as_geometry(c, validate=validate) for c in self_costs)
+    for c in (cross, *pair):
+        if not isinstance(c, CostMatrix):
+            raise ValueError(f"sinkhorn_divergence takes points, a PointCloud, or cost matrices (tensors or "
+                             f"CostMatrix), got {type(c).__name__}")
+    return _Measures(cross=cross, self_costs=(pair[0], pair[1]), points=None, positive_kernel=False)
+
+
+class _SelfTerm:
+    """The self-transport potential p = tau softmin(C, p; w) of a symmetric problem (C = C^T, b = a;
+    tau = rho / (rho + eps), 1 when balanced).
+
+    Averaged updates p <- (p + tau softmin(p)) / 2 converge in a few iterations where the
+    alternating Sinkhorn map oscillates (Feydy et al. 2019, Sec. 3.1). Once every problem of the
+    batch has reached ``settle_at`` at the target ``eps`` (read on the host at checks only), the
+    term stops computing: its measured potential is kept and it reports no error. The settling
+    iteration depends on ``check_every``, so the result does too, within ``tol``.
     """
 
-    def __init__(self, geom, w: torch.Tensor, *, settle_at: float | None, eps: float):
-        self.geom, self.w, self.settle_at, self.eps = geom, w, settle_at, eps
+    def __init__(self, geom, w: torch.Tensor, *, settle_at: float | None, eps: float, rho: float):
+        self.geom, self.w, self.settle_at, self.eps, self.rho = geom, w, settle_at, eps, rho
         self.positive = w > 0
         self.settled = False
         self.kernel = stabilised_kernel(geom, eps, "auto")  # symmetric: K~ built at (p0, p0)
@@ -205,6 +303,9 @@ class _SelfTerm:
             s = self.geom.softmin(p, e, self.w, axis=1)
         else:
             s = self.kernel.softmin(p, p, self.w, axis=1, eps=e)
+        tau = tau_of(self.rho, e)
+        if tau != 1.0:
+            s = tau * s
         with torch.no_grad():
             error = 2 * row_error(self.geom, self.w, p, s, e)
         kept = refresh_zero_weight(self.positive, p, s)
