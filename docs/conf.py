@@ -1,7 +1,8 @@
 """Sphinx configuration of the otcore documentation (``make docs``: HTML in docs/_build/html).
 
 The API pages are generated from the docstrings (Google style, read by napoleon); nothing is
-fetched at build time (no intersphinx) and the examples are listed, not executed.
+fetched at build time (no intersphinx). The gallery runs every script of examples/ and shows its
+output and figure (the ``example-gallery`` directive of ``_ext/example_gallery.py``).
 """
 
 import sys

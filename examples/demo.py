@@ -10,6 +10,7 @@ Run: python examples/demo.py   (writes examples/demo_plans.png)
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def main():
     for ax in axes[1:]:
         ax.set_xlabel("target position (bin centre on [0, 1])")
         ax.set_ylabel("source position (bin centre on [0, 1])")
-    out = Path(__file__).with_name("demo_plans.png")
+    out = Path(os.environ.get("OTCORE_EXAMPLES_OUT", Path(__file__).parent)) / "demo_plans.png"
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"figure saved to {out}")

@@ -8,14 +8,15 @@ column potential g, and keeps its own slice of f and of the plan. Rank 0 then so
 problem in one process, checks the sharded solve against it, and draws each rank's sources with
 their barycentric targets (P y)_i / a_i, computed on the rank that holds them.
 
-Run (CPU, gloo): ``torchrun --nproc_per_node=2 examples/distributed_sinkhorn.py`` (a few
-seconds); saves ``examples/distributed_sinkhorn.png``. On GPUs, launch one process per GPU:
-the NCCL backend is chosen when CUDA is available.
+Run (CPU, gloo): ``torchrun --nproc_per_node=2 examples/distributed_sinkhorn.py`` (about
+10 s, the launcher's start-up included); saves ``examples/distributed_sinkhorn.png``. On GPUs,
+launch one process per GPU: the NCCL backend is chosen when CUDA is available.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -56,18 +57,21 @@ def main() -> None:
     res = otcore.sinkhorn(geom, a_local, None, eps=EPS)
     elapsed = time.perf_counter() - start
     mapped = res.apply(y) / a_local.unsqueeze(-1)  # barycentric targets of this rank's sources
-    print(f"rank {rank}/{world}: {len(x_local)} of {N} sources, value {float(res.value):.10f}, "
-          f"{int(res.n_iter)} iterations, {elapsed:.2f} s")
+    report = (f"rank {rank}/{world}: {len(x_local)} of {N} sources, value {float(res.value):.10f}, "
+              f"{int(res.n_iter)} iterations, {elapsed:.2f} s")
 
+    # rank 0 prints every rank's line, in rank order (printed by each rank, they would interleave)
     shards = [None] * world if rank == 0 else None
-    dist.gather_object((x_local.cpu(), mapped.cpu(), res.f.cpu()), shards, dst=0)
+    dist.gather_object((x_local.cpu(), mapped.cpu(), res.f.cpu(), report), shards, dst=0)
     if rank == 0:
+        print("\n".join(s[3] for s in shards))
         whole = otcore.sinkhorn(PointCloud(x, y), None, None, eps=EPS, domain="log")
         f = torch.cat([s[2] for s in shards]).to(device)
         print(f"one process: value {float(whole.value):.10f}; sharded - single: value "
               f"{abs(float(res.value - whole.value)):.1e}, g {float((res.g - whole.g).abs().max()):.1e}, "
               f"f {float((f - whole.f).abs().max()):.1e}")
-        draw(shards, y.cpu(), Path(__file__).with_suffix(".png"))
+        out_dir = Path(os.environ.get("OTCORE_EXAMPLES_OUT", Path(__file__).parent))
+        draw(shards, y.cpu(), out_dir / "distributed_sinkhorn.png")
     dist.destroy_process_group()
 
 
@@ -75,7 +79,7 @@ def draw(shards, y: torch.Tensor, path: Path) -> None:
     """Each rank's sources (own colour) with a few arrows to their barycentric targets."""
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.scatter(y[:, 0], y[:, 1], s=3, c="0.7", label="targets (replicated)")
-    for r, (xs, mapped, _) in enumerate(shards):
+    for r, (xs, mapped, _, _) in enumerate(shards):
         colour = f"C{r}"
         ax.scatter(xs[:, 0], xs[:, 1], s=3, c=colour, label=f"sources of rank {r}")
         every = slice(None, None, max(1, len(xs) // 40))
