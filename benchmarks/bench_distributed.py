@@ -1,4 +1,5 @@
-"""Sharded Sinkhorn: time per iteration of ``RowSharded`` over 2 gloo processes vs one process.
+"""Sharded Sinkhorn: time per iteration of ``RowSharded`` and ``BothSharded`` over 2 gloo
+processes vs one process.
 
 On one 2-core CPU this measures the overhead of sharding (``one_process``: the whole problem in
 one process with 2 threads, ``one_process_1_thread`` with 1; ``row_sharded_2``: 2 processes with
@@ -20,11 +21,20 @@ P = 8 and an assumed R = 3e11 entries/s per GPU (an H200 streaming a d = 3 point
 an assumption, not measured here): compute is 2e14 / (8 x 3e11) = 83 s per iteration, the
 all-reduces move 140 MB per rank, 0.4 ms on NVLink (W ~ 400 GB/s, ratio 5e-6) and 11 ms on
 100 Gb/s Ethernet (W = 12.5 GB/s, ratio 1.3e-4). The bandwidth term stays below 10 % of the
-softmin for n > 80 (P - 1) R / W: n > 4e5 on Ethernet and n > 1.3e4 on NVLink at P = 8. The
+softmin for n > 80 (P - 1) R / W: n > 1.3e4 on Ethernet and n > 420 on NVLink at P = 8. The
 three latencies per iteration (~20 us on NVLink, ~100 us over TCP) matter only for small
 problems: 2 n m / (P R) > 10 x 3 x latency needs n = m > 3e4 on NVLink and 7e4 on Ethernet at
 P = 8. The all-reduce is therefore small against the softmin at every n worth sharding; it is
 not overlapped (g depends on it).
+
+``BothSharded`` (``both_sharded_2``: each process holds n/2 sources and m/2 targets) moves the
+shards instead: each softmin passes the other side's shards (points, potential, weights:
+(d + 2) floats a point) around the ring in P - 1 shifts, 4 (d + 2) m (P - 1)/P bytes per rank
+per half-iteration, about 8 (d + 2) m (P - 1)/P bytes per iteration, 2.5 times the all-reduces'
+16 m (P - 1)/P at d = 3, plus 2 (P - 1) latencies. Each shift is posted before the block it
+overlaps is computed (n m / P^2 cost entries), so it is hidden once a block's compute outlasts
+a shift: n m / (P^2 R) > 4 (d + 2) m / (P W), i.e. n > 4 (d + 2) P R / W: n > 120 on NVLink
+and 4e3 on Ethernet at P = 8 and d = 3 (same R and W), latencies aside.
 """
 
 from __future__ import annotations
@@ -54,16 +64,16 @@ def _clouds(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, generator=gen), torch.randn(n, 3, generator=gen) + 0.5
 
 
-def _time_iterations(geom, a, eps: float) -> float:
+def _time_iterations(geom, a, eps: float, b=None) -> float:
     """Seconds per iteration of ``ITERS`` log-domain iterations, after a warm-up solve."""
     solve = {"eps": eps, "tol": 0.0, "max_iter": ITERS, "domain": "log", "warn": False}
-    otcore.sinkhorn(geom, a, None, **solve)
+    otcore.sinkhorn(geom, a, b, **solve)
     start = time.perf_counter()
-    otcore.sinkhorn(geom, a, None, **solve)
+    otcore.sinkhorn(geom, a, b, **solve)
     return (time.perf_counter() - start) / ITERS
 
 
-def _worker(rank: int, world: int, port: int, n: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, n: int, both: bool, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
@@ -71,7 +81,13 @@ def _worker(rank: int, world: int, port: int, n: int, queue) -> None:
         x, y = _clouds(n)
         x_local = otcore.distributed.shard(x)
         a_local = torch.full((len(x_local),), 1.0 / n)
-        seconds = _time_iterations(otcore.distributed.RowSharded(PointCloud(x_local, y)), a_local, eps=0.1)
+        if both:
+            y_local = otcore.distributed.shard(y)
+            geom = otcore.distributed.BothSharded(x_local, y_local)
+            b_local = torch.full((len(y_local),), 1.0 / n)
+        else:
+            geom, b_local = otcore.distributed.RowSharded(PointCloud(x_local, y)), None
+        seconds = _time_iterations(geom, a_local, eps=0.1, b=b_local)
         if rank == 0:
             queue.put(seconds)
     finally:
@@ -84,8 +100,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def sharded_seconds_per_iteration(n: int, world: int) -> float:
-    """Seconds per iteration of ``RowSharded`` over ``world`` gloo processes (1 thread each)."""
+def sharded_seconds_per_iteration(n: int, world: int, both: bool = False) -> float:
+    """Seconds per iteration of ``RowSharded`` (``BothSharded`` when ``both``) over ``world``
+    gloo processes (1 thread each)."""
     # asv imports this suite through a meta-path hook, not sys.path; the spawned workers unpickle
     # ``_worker`` by module name and need the suite's parent directory on the path they inherit.
     root = str(Path(__file__).resolve().parents[1])
@@ -94,7 +111,7 @@ def sharded_seconds_per_iteration(n: int, world: int) -> float:
         sys.path.append(root)
     try:
         queue = mp.get_context("spawn").SimpleQueue()
-        mp.spawn(_worker, args=(world, _free_port(), n, queue), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _free_port(), n, both, queue), nprocs=world, join=True)
         return queue.get()
     finally:
         if added:
@@ -112,10 +129,12 @@ def one_process_seconds_per_iteration(n: int, threads: int) -> float:
         torch.set_num_threads(previous)
 
 
-class RowShardedIteration:
-    """Per-iteration time (track_, seconds), one process vs ``RowSharded`` over 2 gloo processes."""
+class ShardedIteration:
+    """Per-iteration time (track_, seconds): one process (2 threads, 1 thread) vs ``RowSharded``
+    and ``BothSharded`` over 2 gloo processes (1 thread each)."""
 
-    params = (["one_process", "one_process_1_thread", "row_sharded_2"], problems.by_profile([2000], [2000, 8000]))
+    params = (["one_process", "one_process_1_thread", "row_sharded_2", "both_sharded_2"],
+              problems.by_profile([2000], [2000, 8000]))
     param_names = ("impl", "n")
     timeout = 600
     number = 1
@@ -125,6 +144,6 @@ class RowShardedIteration:
         if impl.startswith("one_process"):
             threads = 1 if impl.endswith("1_thread") else min(2, os.cpu_count() or 1)
             return one_process_seconds_per_iteration(n, threads=threads)
-        return sharded_seconds_per_iteration(n, world=2)
+        return sharded_seconds_per_iteration(n, world=2, both=impl == "both_sharded_2")
 
     track_seconds_per_iteration.unit = "seconds"

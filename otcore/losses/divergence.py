@@ -16,6 +16,7 @@ from otcore.solvers.entropic.dual import absolute_eps, default_tol, dual_value, 
 from otcore.solvers.entropic.scaling import stabilised_kernel
 from otcore.solvers.entropic.sinkhorn import GRAD_MODES, refresh_zero_weight, sinkhorn_step
 
+
 def sinkhorn_divergence(
     x,
     y: torch.Tensor | None = None,
@@ -269,8 +270,8 @@ def _three_problems(x, y, *, cost, backend, self_costs, validate: bool) -> _Meas
     pair = tuple(as_geometry(c, validate=validate) for c in self_costs)
     for c in (cross, *pair):
         if not isinstance(c, CostMatrix):
-            raise ValueError(f"sinkhorn_divergence takes points, a PointCloud, or cost matrices (tensors or "
-                             f"CostMatrix), got {type(c).__name__}")
+            kind = type(c).__name__
+            raise ValueError(f"sinkhorn_divergence takes points, a PointCloud or cost matrices, got {kind}")  # noqa: TRY004 (the API contract: ValueError)
     return _Measures(cross=cross, self_costs=(pair[0], pair[1]), points=None, positive_kernel=False)
 
 
@@ -317,7 +318,7 @@ class _SelfTerm:
         return refresh_zero_weight(self.positive, 0.5 * (p + s), s), error, kept
 
 
-def _positive_kernel(cost: str | float) -> bool:
+def _positive_kernel(cost) -> bool:
     """Whether exp(-cost/eps) is a positive definite kernel (so that S_eps >= 0): the squared
     Euclidean cost (Gaussian kernel) and |x - y|_p for 1 <= p <= 2 (negative definite functions, so
     exp(-t |x - y|_p) is positive definite by Schoenberg's theorem), and the cosine cost

@@ -78,8 +78,6 @@ class SinkhornLoss(torch.nn.Module):
                                       ("eps_scaling", "scaling", eps_scaling is not None and scaling is not None)):
             if given:
                 raise ValueError(f"give {native} or {theirs}, not both (the same knob in two spellings)")
-        if eps is None and blur is None:
-            raise ValueError("eps is missing (or GeomLoss's blur)")
         if geomloss:
             if cost is not None or relative_eps is not None:
                 raise ValueError("cost and relative_eps are otcore's spelling; with GeomLoss's p/blur/reach/scaling "
@@ -89,12 +87,17 @@ class SinkhornLoss(torch.nn.Module):
                 raise ValueError(f"p must be 1 or 2 (GeomLoss's |x - y|^p / p), got {p!r}")
             self.unit = float(p)  # otcore's cost |x - y|^p is p times GeomLoss's
             cost = "sqeuclidean" if p == 2 else "euclidean"
-            eps = check_positive("blur", blur) ** p if eps is None else check_positive("eps", eps)
-            rho = None if reach is None else check_positive("reach", reach) ** p
-            eps_scaling = None if scaling is None else check_ratio("scaling", scaling) ** p
-            eps, rho = self.unit * eps, None if rho is None else self.unit * rho
+            if blur is not None:
+                eps = self.unit * check_positive("blur", blur) ** p
+            elif eps is not None:
+                eps = self.unit * check_positive("eps", eps)
+            rho = None if reach is None else self.unit * check_positive("reach", reach) ** p
+            ratio = check_ratio("scaling", scaling)
+            eps_scaling = None if ratio is None else ratio ** p
         else:
             self.unit = 1.0
+        if eps is None:
+            raise ValueError("eps is missing (or GeomLoss's blur)")
         self.eps = check_positive("eps", eps)
         self.rho = None if rho is None else check_rho("rho", rho, 1.0, "tau")
         self.max_iter = check_max_iter("max_iter", max_iter)
