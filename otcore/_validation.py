@@ -85,18 +85,20 @@ def mass_rtol(*dtypes: torch.dtype) -> float:
 
 def prepare_weights(
     name: str, w: torch.Tensor | None, *, batch: int, n: int, dtype: torch.dtype, device: torch.device,
-    validate: bool = True,
+    validate: bool = True, shard: bool = False,
 ) -> torch.Tensor:
     """Validate weights against a problem of ``batch`` x ``n`` points; return (batch, n).
 
     None means uniform ``1/n``. Accepts (n,) (shared by the batch) or (batch, n). Weights must be
     finite, non-negative and of positive mass; zeros are allowed. ``validate=False`` keeps the
-    shape checks and skips those that read values (no host synchronisation).
+    shape checks and skips those that read values (no host synchronisation). ``shard``: the n
+    points are this process's part of a sharded side, whose mass only the whole can tell: None
+    then gives ones (to be divided by the total over every process) and the mass is not checked.
     """
     if w is None:
         if n == 0:
             raise ValueError(f"{name}: the problem has no points")
-        return torch.full((batch, n), 1.0 / n, dtype=dtype, device=device)
+        return torch.full((batch, n), 1.0 if shard else 1.0 / n, dtype=dtype, device=device)
     if not torch.is_tensor(w):
         raise ValueError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
     if not w.is_floating_point():
@@ -110,7 +112,7 @@ def prepare_weights(
         check_finite(name, w)
         if bool((w < 0).any()):
             raise ValueError(f"{name} has negative entries (min {float(w.min()):.3g}); weights must be >= 0")
-        if bool((w.sum(-1) <= 0).any()):
+        if not shard and bool((w.sum(-1) <= 0).any()):
             raise ValueError(f"{name} has zero total mass; at least one weight must be > 0")
     return upcast(w.expand(batch, n).to(device=device), dtype)
 

@@ -115,7 +115,7 @@ def _adjoint(point: FixedPoint, f: torch.Tensor, g: torch.Tensor, grad_f, grad_g
     floor = math.sqrt(torch.finfo(r.dtype).tiny)
     zero_a = (point.a == 0) | (r <= floor * point.tau_a)
     zero_b = (point.b == 0) | (c <= floor * point.tau_b)
-    has_zero = bool(zero_a.any() or zero_b.any())
+    has_zero = bool((~point.geom.all_true(~(zero_a.any(-1) | zero_b.any(-1)))).any())  # on any process
     uf, ug = grad_f, grad_g
     if has_zero:
         with torch.enable_grad():

@@ -94,6 +94,7 @@ def fixed_point_loop(
     check_every: int = 1,
     callbacks: Sequence[Callable[[SinkhornProgress], None]] = (),
     host_reads: bool = False,
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LoopOutcome:
     """Iterate ``step`` until every problem's error is <= ``tol`` or ``max_iter`` iterations.
 
@@ -113,6 +114,9 @@ def fixed_point_loop(
         callbacks: called with a ``SinkhornProgress`` at every check.
         host_reads: whether the caller allows reading the host at every iteration (a solve
             that validates its inputs); a batch of one on the CPU is then decided there.
+        agree: for a state sharded across processes, ``Geometry.all_true`` of its geometry:
+            an iterate is finite only where it is on every process, so that all stop together
+            (the errors, reduced through the geometry, already agree).
     """
     schedule = schedule[: max(0, max_iter - 1)]
     ref = state[0]
@@ -120,7 +124,7 @@ def fixed_point_loop(
     if host_reads and batch == 1 and device.type == "cpu" and not torch.compiler.is_compiling():
         return _one_problem_loop(step, state, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule,
                                  measured_from=len(schedule) + first_check, check_every=check_every,
-                                 callbacks=callbacks)
+                                 callbacks=callbacks, agree=agree)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     converged = torch.zeros_like(active)
     failed = torch.zeros_like(active)
@@ -137,7 +141,7 @@ def fixed_point_loop(
                     done = active & (error <= tol)
                     converged = converged | done
                     active = active & ~done
-            finite = _all_finite(new_state)
+            finite = _all_finite(new_state) if agree is None else agree(_all_finite(new_state))
             failed = failed | (active & ~finite)
             active = active & finite
             n_iter = n_iter + active.long()
@@ -163,6 +167,7 @@ def _one_problem_loop(
     measured_from: int,
     check_every: int,
     callbacks: Sequence[Callable[[SinkhornProgress], None]],
+    agree: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> LoopOutcome:
     """``fixed_point_loop`` for a batch of one on the CPU, decided on the host: the outcome is
     the batched loop's (the problem's state freezes, and the loop ends, at the first error <=
@@ -177,6 +182,8 @@ def _one_problem_loop(
             converged = tol > 0 and error <= tol
         if not converged:
             failed = not _finite(new_state)
+            if agree is not None:
+                failed = not bool(agree(torch.tensor([not failed], device=ref.device)))
         stop = converged or failed
         state = kept if stop else new_state
         n_iter += not stop

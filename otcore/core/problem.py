@@ -97,8 +97,11 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True, sharde
             batch = max(batch, w.shape[0])
     geom = geom.broadcast_to(batch)
     rtol = mass_rtol(compute, *(w.dtype for w in (a, b) if torch.is_tensor(w) and w.is_floating_point()))  # the weights' own precision
-    a = prepare_weights("a", a, n=n, batch=batch, dtype=compute, device=geom.device, validate=validate)
-    b = prepare_weights("b", b, n=m, batch=batch, dtype=compute, device=geom.device, validate=validate)
+    if geom.sharded:
+        a, b = _sharded_weights(geom, a, b, batch=batch, dtype=compute, validate=validate)
+    else:
+        a = prepare_weights("a", a, n=n, batch=batch, dtype=compute, device=geom.device, validate=validate)
+        b = prepare_weights("b", b, n=m, batch=batch, dtype=compute, device=geom.device, validate=validate)
     if balanced:
         ma, mb = geom.total(a, 0), geom.total(b, 1)
         if validate:
@@ -106,6 +109,32 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True, sharde
         # equal to the last bit, as a balanced problem needs (gaps within the weights' rounding)
         b = b * (ma / mb).detach().unsqueeze(-1)
     return Problem(geom=geom, a=a, b=b, batched=batched, out_dtype=out_dtype)
+
+
+def _sharded_weights(
+    geom: Geometry, a, b, *, batch: int, dtype: torch.dtype, validate: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prepare_weights`` for a geometry sharded across processes: every process raises when any
+    one's weights are bad (no process is left waiting in a collective), None is uniform over every
+    process's points (1 / the global count), and the mass checked is the global one."""
+    _, n, m = geom.shape
+    weights, failure = [], None
+    for name, w, size in (("a", a, n), ("b", b, m)):
+        try:
+            weights.append(prepare_weights(name, w, n=size, batch=batch, dtype=dtype, device=geom.device,
+                                           validate=validate, shard=True))
+        except ValueError as error:
+            failure = failure or error
+            weights.append(torch.ones(batch, size, dtype=dtype, device=geom.device))
+    if not bool(geom.all_true(torch.tensor([failure is None], device=geom.device)).all()):
+        raise failure or ValueError("a, b: another process's weights are invalid (its error names them)")
+    for k, (name, given) in enumerate((("a", a), ("b", b))):
+        mass = geom.total(weights[k], k)
+        if given is None:
+            weights[k] = weights[k] / mass.unsqueeze(-1)
+        elif validate and bool((mass <= 0).any()):
+            raise ValueError(f"{name} has zero total mass over every process; at least one weight must be > 0")
+    return weights[0], weights[1]
 
 
 def warn_not_converged(

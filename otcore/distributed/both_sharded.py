@@ -99,8 +99,8 @@ class BothSharded(Geometry):
     constant (as a ``PointCloud``'s are); ``with_tensors`` takes points in that frame.
 
     Every rank must call the same solver with the same arguments apart from its shards (eps,
-    tol, the same ``requires_grad`` flags). Pass the weights' shards: ``a=None`` would mean
-    1/n_local on every rank, not 1/n. Only log-domain Sinkhorn runs on it (the scaling
+    tol, the same ``requires_grad`` flags), with its shards of the weights (``a=None``: 1/n over
+    every rank's points, as for one process). Only log-domain Sinkhorn runs on it (the scaling
     domain, and the solvers that need whole rows of the cost, refuse it); ``materialize`` and
     ``result.plan`` raise (no rank holds a whole row of C). ``BothSharded.total(t, axis)`` is the
     differentiable all-reduce to use for a loss on the local potentials.
@@ -231,6 +231,14 @@ class BothSharded(Geometry):
         """As ``Geometry.total``: an all-reduce of the ranks' sums over either axis,
         differentiable (each rank's backward reaches its own t)."""
         return all_reduce_sum(t.sum(-1), self.group)
+
+    def amax(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """As ``Geometry.amax``: an all-reduce MAX over either axis."""
+        return all_reduce(t.detach().amax(-1), dist.ReduceOp.MAX, self.group)
+
+    def all_true(self, flags: torch.Tensor) -> torch.Tensor:
+        """As ``Geometry.all_true``: an all-reduce MIN of the ranks' flags."""
+        return all_reduce(flags.to(torch.uint8), dist.ReduceOp.MIN, self.group).bool()
 
     def softmin(self, h, eps, weights=None, axis=1):
         """As ``Geometry.softmin``, over every rank's points of the reduced axis. ``axis=1``:

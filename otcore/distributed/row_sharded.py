@@ -194,6 +194,15 @@ class RowSharded(Geometry):
         differentiable (each rank's backward reaches its own t)."""
         return all_reduce_sum(t.sum(-1), self.group) if axis == 0 else t.sum(-1)
 
+    def amax(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """As ``Geometry.amax``; over the sources (``axis=0``) an all-reduce MAX."""
+        local = t.detach().amax(-1)
+        return all_reduce(local, dist.ReduceOp.MAX, self.group) if axis == 0 else local
+
+    def all_true(self, flags: torch.Tensor) -> torch.Tensor:
+        """As ``Geometry.all_true``: an all-reduce MIN of the ranks' flags."""
+        return all_reduce(flags.to(torch.uint8), dist.ReduceOp.MIN, self.group).bool()
+
     def softmin(self, h, eps, weights=None, axis=1):
         """As ``Geometry.softmin``. ``axis=1``: h, weights (B, m) -> this rank's rows (B, n_local).
         ``axis=0``: this rank's h, weights (B, n_local) -> the softmin over every rank's rows

@@ -101,6 +101,17 @@ class Geometry(ABC):
         t (B, n); ``axis=1`` the m targets, t (B, m). Returns (B,)."""
         return t.sum(-1)
 
+    def amax(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """Largest entry of a per-point quantity over the points of one side (as ``total``):
+        (B, n) or (B, m) -> (B,). No autograd (a decision or a shift, not a value)."""
+        return t.detach().amax(-1)
+
+    def all_true(self, flags: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: where ``flags`` (B,) hold on every process sharing this geometry (the
+        flags themselves when it is not sharded). Host decisions taken from local data go
+        through it, so that every process takes the same branch."""
+        return flags
+
     def pair_dot(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Inner product of stacked dual vectors ``[rows (n); columns (m)]``: (B, n + m) x2 -> (B,)."""
         n = self.shape[1]

@@ -59,7 +59,7 @@ def dual_value(
     f = tau_of(rho_a, eps) * s
     if not math.isinf(rho_a):
         with torch.no_grad():
-            tame = ((f - s) / eps).masked_fill(a == 0, -math.inf).amax(-1) <= EXP_CEIL
+            tame = geom.amax(((f - s) / eps).masked_fill(a == 0, -math.inf), 0) <= EXP_CEIL
         f = torch.where(tame.unsqueeze(-1), f, s)
     total_a, total_b = geom.total(a, 0), geom.total(b, 1)
     excess = geom.total(a * torch.expm1(_on_support(a, (f - s) / eps, rho_a)), 0) + total_a * (1 - total_b)
@@ -95,7 +95,7 @@ def _log_total(geom: Geometry, w: torch.Tensor, p: torch.Tensor, rho: float, axi
     if math.isinf(rho):
         return torch.log(geom.total(w, axis))
     logits = torch.where(w > 0, torch.log(torch.where(w > 0, w, 1.0)) - p / rho, -math.inf)
-    top = torch.nan_to_num(logits.amax(-1), neginf=0.0)
+    top = torch.nan_to_num(geom.amax(logits, axis), neginf=0.0)
     return torch.log(geom.total(torch.exp(logits - top.unsqueeze(-1)), axis)) + top
 
 
@@ -137,7 +137,7 @@ def certified(
     """
     if geom.dtype == torch.float64 or tol == 0:
         return converged, None
-    rounding = (f.abs().amax(-1) + g.abs().amax(-1)) * (torch.finfo(geom.dtype).eps / eps)
+    rounding = (geom.amax(f.abs(), 0) + geom.amax(g.abs(), 1)) * (torch.finfo(geom.dtype).eps / eps)
     if not bool((converged & (rounding > tol / 10)).any()):
         return converged, None
     with torch.no_grad():

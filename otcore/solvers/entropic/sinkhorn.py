@@ -239,7 +239,8 @@ def run_sinkhorn(
 
     # the first iteration's error is that of the initial (f, g), which is not a Sinkhorn iterate
     return fixed_point_loop(step, start, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule, first_check=2,
-                            check_every=check_every, callbacks=callbacks, host_reads=geom.validate)
+                            check_every=check_every, callbacks=callbacks, host_reads=geom.validate,
+                            agree=geom.all_true if geom.sharded else None)
 
 
 def sinkhorn_step(
