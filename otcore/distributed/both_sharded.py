@@ -204,6 +204,13 @@ class BothSharded(Geometry):
     def with_tensors(self, *tensors: torch.Tensor) -> BothSharded:
         return self._replace(inner=self.inner.with_tensors(*tensors))
 
+    def self_transport(self) -> tuple[BothSharded, BothSharded]:
+        """(x <-> x, y <-> y), both sharded as the rows (the columns) are: the ring of each side
+        serves as rows and columns."""
+        x, y = self.inner.tensors
+        return (self._replace(inner=self.inner.with_tensors(x, x), columns=self.rows),
+                self._replace(inner=self.inner.with_tensors(y, y), rows=self.columns))
+
     def to_dtype(self, dtype: torch.dtype) -> BothSharded:
         """As ``Geometry.to_dtype``, keeping the common frame (``PointCloud.to_dtype`` would
         centre converted half points by this rank's mean)."""

@@ -176,6 +176,25 @@ class RowSharded(Geometry):
     def with_tensors(self, *tensors: torch.Tensor) -> RowSharded:
         return self._replace(inner=self.inner.with_tensors(*tensors))
 
+    def self_transport(self):
+        """(x <-> x, y <-> y) of a point cloud: every rank's sources against every rank's, a
+        ``BothSharded`` (its ring passes the x shards), and y against itself, replicated. None for
+        a cost matrix. Each rank's ``PointCloud`` centred its points by its own mean: the sources
+        are first moved into rank 0's frame, by the difference of the replicated targets' frames."""
+        from otcore.distributed.both_sharded import BothSharded  # it builds on this module
+
+        if not isinstance(self.inner, PointCloud):
+            return None
+        x, y = self.inner.tensors
+        with torch.no_grad():
+            y_rank0 = y.detach().clone()
+            dist.broadcast(y_rank0, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
+                           group=self.group)
+            to_rank0 = (y_rank0 - y.detach()).mean(dim=1, keepdim=True)
+        x = x + to_rank0
+        sources = BothSharded(x, x, self.inner.cost, self.backend, group=self.group, validate=self.validate)
+        return sources, self.inner.with_tensors(y, y)
+
     def restricted(self, rows, transpose=False) -> RowSharded:
         return self._replace(inner=self.inner.restricted(rows, transpose))
 

@@ -101,6 +101,11 @@ class Geometry(ABC):
         t (B, n); ``axis=1`` the m targets, t (B, m). Returns (B,)."""
         return t.sum(-1)
 
+    def self_transport(self) -> tuple[Geometry, Geometry] | None:
+        """The geometries of each measure with itself, (x <-> x, y <-> y), for debiasing (the
+        Sinkhorn divergence); None where this geometry cannot make them (a cost matrix)."""
+        return None
+
     def amax(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """Largest entry of a per-point quantity over the points of one side (as ``total``):
         (B, n) or (B, m) -> (B,). No autograd (a decision or a shift, not a value)."""

@@ -128,6 +128,10 @@ class PointCloud(Geometry):
         x, y = tensors
         return self._replace(x=x, y=y)
 
+    def self_transport(self) -> tuple[PointCloud, PointCloud]:
+        """(x <-> x, y <-> y) with this cloud's cost and backend."""
+        return self.with_tensors(self.x, self.x), self.with_tensors(self.y, self.y)
+
     def cost_rows(self, rows, transpose=False):
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)
         return pairwise_cost(src[:, rows].to(self.dtype), dst.to(self.dtype), self.cost)

@@ -62,7 +62,10 @@ def sinkhorn_divergence(
     * points: ``sinkhorn_divergence(x, y, a, b, eps=...)`` with x (n, d) / (B, n, d) and
       y (m, d) / (B, m, d), the cost named by ``cost`` (default ``"sqeuclidean"``);
     * a point cloud: ``sinkhorn_divergence(PointCloud(x, y, cost=...), a=a, b=b, eps=...)``
-      (its cost and backend are used; ``cost`` and ``backend`` must then be left unset);
+      (its cost and backend are used; ``cost`` and ``backend`` must then be left unset), or
+      one sharded across processes (``otcore.distributed.RowSharded(PointCloud(x_local, y))``,
+      ``BothSharded(x_local, y_local)``, with this rank's weights): every rank gets the global
+      value, and backward gives each rank the gradients of its own points and weights;
     * cost matrices: ``sinkhorn_divergence(C_xy, a=a, b=b, self_costs=(C_xx, C_yy), eps=...)``
       with C_xy (n, m), C_xx (n, n) and C_yy (m, m) (or batched (B, ., .)), tensors or
       ``CostMatrix`` geometries; C_xx and C_yy must be symmetric (checked when ``validate``).
@@ -139,7 +142,7 @@ def divergence_and_potentials(
     eps_scaling = check_ratio("eps_scaling", eps_scaling)
     rho = math.inf if rho is None else check_rho("rho", rho, 1.0, "tau")
     measures = _three_problems(x, y, cost=cost, backend=backend, self_costs=self_costs, validate=validate)
-    problem = prepare_problem(measures.cross, a, b, balanced=math.isinf(rho), validate=validate)
+    problem = prepare_problem(measures.cross, a, b, balanced=math.isinf(rho), validate=validate, sharded=True)
     geom, wa, wb = problem.geom, problem.a, problem.b
     self_x, self_y = measures.self_geometries(geom, validate=validate)
     eps = absolute_eps(geom, eps, relative_eps)
@@ -184,7 +187,7 @@ def divergence_and_potentials(
     with torch.set_grad_enabled(unroll and torch.is_grad_enabled()):
         outcome = fixed_point_loop(step, start, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule,
                                    first_check=1 if identical else 2, check_every=checks, callbacks=callbacks,
-                                   host_reads=validate)
+                                   host_reads=validate, agree=geom.all_true if geom.sharded else None)
     if warn and (tol > 0 or validate):
         warn_not_converged("sinkhorn_divergence", converged=outcome.converged, max_iter=max_iter,
                            causes={"stopped on a non-finite iterate": outcome.failed})
@@ -220,8 +223,11 @@ class _Measures:
         """(x <-> x, y <-> y) geometries matching the prepared cross ``geom`` (B, n, m): its dtype
         and batch size."""
         if self.self_costs is None:
-            xs, ys = geom.tensors
-            return geom.with_tensors(xs, xs), geom.with_tensors(ys, ys)
+            pair = geom.self_transport()
+            if pair is None:
+                raise ValueError(f"x: a {type(geom).__name__} of a cost matrix cannot give the costs of each measure "
+                                 "with itself; give point clouds, or cost matrices with self_costs")
+            return pair
         B, n, m = geom.shape
         prepared = []
         for name, c, size in (("self_costs[0] (C_xx)", self.self_costs[0], n), ("self_costs[1] (C_yy)",
@@ -243,10 +249,11 @@ class _Measures:
 
 def _three_problems(x, y, *, cost, backend, self_costs, validate: bool) -> _Measures:
     """Read the three ways of giving the measures (see ``sinkhorn_divergence``)."""
-    if isinstance(x, PointCloud) or (self_costs is None and not isinstance(x, Geometry)):
+    clouds = isinstance(x, Geometry) and not isinstance(x, CostMatrix)  # PointCloud, RowSharded, BothSharded
+    if clouds or (self_costs is None and not isinstance(x, Geometry)):
         if self_costs is not None:
             raise ValueError("self_costs is for cost matrices; a PointCloud makes its own")
-        if isinstance(x, PointCloud):
+        if clouds:
             if y is not None or cost is not None or backend is not None:
                 raise ValueError("given a PointCloud, leave y, cost and backend unset (the geometry holds them)")
             geom = x
@@ -256,9 +263,11 @@ def _three_problems(x, y, *, cost, backend, self_costs, validate: bool) -> _Meas
                                  "self_costs=(C_xx, C_yy)")
             geom = PointCloud(x, y, cost="sqeuclidean" if cost is None else cost,
                               backend="auto" if backend is None else backend, validate=validate)
-        points = geom.tensors if isinstance(x, PointCloud) else (x, y)
-        return _Measures(cross=geom, self_costs=None, points=(points[0], points[1]),
-                         positive_kernel=_positive_kernel(geom.cost))
+        # sharded measures are never "the same": that would be each rank's own decision
+        points = None if geom.sharded else geom.tensors if clouds else (x, y)
+        inner = geom.inner if geom.sharded else geom  # type: ignore[attr-defined]
+        return _Measures(cross=geom, self_costs=None, points=None if points is None else (points[0], points[1]),
+                         positive_kernel=isinstance(inner, PointCloud) and _positive_kernel(inner.cost))
     if y is not None or cost is not None or backend is not None:
         raise ValueError("given a cost matrix C_xy, leave y, cost and backend unset")
     if self_costs is None:
