@@ -6,20 +6,23 @@ on fresh samples of P0 and P1 at every batch (samplers, as in the papers) and is
 the closed-form plan (``otcore.neural.gaussian``): BW2-UVP (%) of the joint (x, y) from 20 000
 pairs and cBW2-UVP (%) of the conditionals y | x over 50 inputs with 1 000 draws each. The
 papers' level is <= 1-2 %. The column "floor" is the cBW2-UVP of exact samples of pi*(. | x)
-(1 000 per input): the metric's own sampling error, which no solver can beat (about 1 % at
-d = 64, eps >= 1). The table also gives the training time per 1 000 steps (one CPU thread; an
-ENOT step is an outer step: 10 drift updates and one potential update, each simulating 20
-Euler-Maruyama steps of 3 x 128 MLPs on 128 points). The figure shows bridge paths from a few
-points in d = 2 (LightSB: Brownian bridges to its samples; ENOT: its learned SDE).
+(1 000 per input): the metric's own sampling error, which no solver can beat (at d = 64: 0.15 %
+at eps = 0.1, 1.0 % at eps = 1, 1.6 % at eps = 10). The table also gives the training time per
+1 000 steps (one CPU thread; an ENOT step is an outer step: 10 drift updates and one potential
+update, each simulating 20 Euler-Maruyama steps of 3 x 128 MLPs on 128 points). The figure shows
+bridge paths from a few points in d = 2 (LightSB: Brownian bridges to its samples; ENOT: its
+learned SDE).
 
 Budgets: LightSB runs its defaults (2 000 steps) in every cell. ENOT runs its default networks
-at lr 1e-3 (its default, 3e-4, is for 1 000+ steps) for 100 outer steps in d = 2 and 300 in
-d = 16, and is skipped at d = 64: 150 steps there leave it at several % (BW2-UVP 3.8 %,
-cBW2-UVP 8.9 % at eps = 1), and the paper's budget (10 000 steps of 3 x 512 networks) is hours
-on a CPU.
+at lr 1e-3 (its default, 3e-4, is for 1 000+ steps) for 100 outer steps in d = 2, 300 in d = 16,
+and in d = 64 1 500 at eps = 0.1 and 1 and 3 000 at eps = 10 (about 0.14 s per step: 3.5 and
+7 minutes per cell). Measured at d = 64 (eps = 0.1 / 1 / 10): BW2-UVP 0.28 / 0.20 / 0.25 %,
+cBW2-UVP 1.03 / 1.35 / 1.89 %, the papers' level with far less than their budget (10 000 steps
+of 3 x 512 networks). At eps = 10 the conditionals converge slowest: 1 500 steps leave cBW2-UVP
+at 3.5 %, and 10 instead of 20 SDE steps halve the time but end at 2.2 % after 3 000 steps.
 
-Run: ``python examples/schrodinger_bridge.py`` (about 3 minutes on one CPU core) or
-``--quick`` (d = 2 and 16, short budgets, about 25 s); saves
+Run: ``python examples/schrodinger_bridge.py`` (about 18 minutes on one CPU core, 14 of them
+ENOT at d = 64) or ``--quick`` (d = 2 and 16, short budgets, about 25 s); saves
 ``examples/schrodinger_bridge.png``.
 """
 
@@ -83,8 +86,8 @@ def runs(d: int, eps: float, quick: bool):
             out.append(("ENOT", ENOT(d, eps=eps, hidden=(64, 64, 64), n_sde_steps=10), {"n_steps": 150, "lr": 1e-3}))
         return out
     out = [("LightSB", LightSB(d, eps=eps), {})]
-    if d <= 16:
-        out.append(("ENOT", ENOT(d, eps=eps), {"n_steps": 100 if d == 2 else 300, "lr": 1e-3}))
+    n_steps = {2: 100, 16: 300}.get(d, 3000 if eps >= 10 else 1500)
+    out.append(("ENOT", ENOT(d, eps=eps), {"n_steps": n_steps, "lr": 1e-3}))
     return out
 
 
