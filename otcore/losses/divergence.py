@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,16 @@ from otcore._validation import check_max_iter, check_positive, check_ratio, chec
 from otcore.core.loop import SinkhornProgress, fixed_point_loop, progress_callbacks, resolve_check_every
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.geometry import CostMatrix, Geometry, PointCloud, as_geometry
-from otcore.solvers.entropic.dual import absolute_eps, default_tol, dual_value, eps_schedule, row_error, tau_of
+from otcore.solvers.entropic.dual import (
+    absolute_eps,
+    default_tol,
+    dual_value,
+    eps_schedule,
+    rounding_error,
+    row_error,
+    tau_of,
+)
+from otcore.solvers.entropic.overrelaxation import Overrelaxation
 from otcore.solvers.entropic.scaling import stabilised_kernel
 from otcore.solvers.entropic.sinkhorn import GRAD_MODES, refresh_zero_weight, sinkhorn_step
 
@@ -157,6 +167,9 @@ def divergence_and_potentials(
         cross_kernel = stabilised_kernel(geom, eps, "auto")
         term_x = _SelfTerm(self_x, wa, settle_at=tol if tol > 0 else None, eps=eps, rho=rho)
         term_y = _SelfTerm(self_y, wb, settle_at=tol if tol > 0 else None, eps=eps, rho=rho)
+    # over-relaxed cross updates (balanced only, as in ``sinkhorn``)
+    relaxation = Overrelaxation(term_x.positive, functools.partial(rounding_error, geom, eps=eps),
+                                tol) if math.isinf(rho) else None
     iteration = [0]
 
     def step(state, e):
@@ -167,7 +180,8 @@ def divergence_and_potentials(
             p_new, error, p_kept = term_x.update(p, e, check=False)
             return (p_new,), error, (p_kept,)
         f, g, px, py = state
-        f_new, g_new, error = sinkhorn_step(geom, wa, wb, f, g, eps=e, rho_a=rho, rho_b=rho, kernel=cross_kernel)
+        f_new, g_new, error = sinkhorn_step(geom, wa, wb, f, g, eps=e, rho_a=rho, rho_b=rho, kernel=cross_kernel,
+                                            relax=relaxation if e == eps else None)
         px_new, error_x, px_kept = term_x.update(px, e, check=check)
         py_new, error_y, py_kept = term_y.update(py, e, check=check)
         for error_self in (error_x, error_y):

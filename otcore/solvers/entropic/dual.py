@@ -118,6 +118,12 @@ def row_error(
     return geom.total((a * torch.expm1((f - f_new) / eps)).abs(), axis)
 
 
+def rounding_error(geom: Geometry, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """(B,) u (|f| + |g|) / eps: the relative rounding of the plan's exponents (f + g - C)/eps in
+    the compute dtype (unit roundoff u), which bounds how small a marginal error it can show."""
+    return (geom.amax(f.abs(), 0) + geom.amax(g.abs(), 1)) * (torch.finfo(geom.dtype).eps / eps)
+
+
 def certified(
     geom: Geometry, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor, *, eps: float,
     rho_a: float, rho_b: float, tol: float, converged: torch.Tensor, margin: bool = False,
@@ -137,7 +143,7 @@ def certified(
     """
     if geom.dtype == torch.float64 or tol == 0:
         return converged, None
-    rounding = (geom.amax(f.abs(), 0) + geom.amax(g.abs(), 1)) * (torch.finfo(geom.dtype).eps / eps)
+    rounding = rounding_error(geom, f, g, eps)
     if not bool((converged & (rounding > tol / 10)).any()):
         return converged, None
     with torch.no_grad():

@@ -44,9 +44,11 @@ from otcore.solvers.entropic.dual import (
     dual_value,
     eps_schedule,
     rho_of,
+    rounding_error,
     row_error,
     tau_of,
 )
+from otcore.solvers.entropic.overrelaxation import Overrelaxation
 from otcore.solvers.entropic.scaling import DOMAINS, StabilisedKernel, stabilised_kernel
 
 GRAD_MODES = ("implicit", "unroll", "envelope")
@@ -76,6 +78,7 @@ def sinkhorn(
     relative_eps: str | None = None,
     rho_a: float | None = None,
     rho_b: float | None = None,
+    overrelax: bool = True,
 ) -> OTResult:
     """Entropic OT by Sinkhorn iterations on log potentials (log or scaling domain).
 
@@ -96,6 +99,16 @@ def sinkhorn(
             units of the cost; inf = hard constraint), instead of tau: tau = rho / (rho + eps),
             converted at the absolute eps.
         rho_b: as ``rho_a``, for ``b`` (instead of ``tau_b``).
+        overrelax: over-relax the row updates at the target eps, f <- f + omega (softmin(g) - f),
+            with omega = 2 / (1 + sqrt(1 - theta)) from the error's contraction factor theta
+            measured over the first 20 iterations (per problem; capped at 1.9, backed off if the
+            error climbs). Where Sinkhorn is slow (theta near 1) this takes 1.5 to 5 times fewer
+            iterations. The columns stay exact (g = softmin(f)), so ``tol``, ``converged`` and the
+            solution mean what they do for plain Sinkhorn. False: plain Sinkhorn iterates (to
+            compare iteration counts with other libraries). Balanced problems only: an unbalanced
+            problem near balance has a nearly flat direction (the translation f + c, g - c) in
+            which a residual of tol allows a value error larger than tol; relaxed iterates stop
+            at another point of it than plain ones.
         max_iter: iteration cap (one iteration = an f- and a g-update).
         tol: stop when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (balanced; for unbalanced problems the
             same L1 residual of the fixed point f = tau_a softmin(g)). Default: 1e-6 in float64,
@@ -175,7 +188,7 @@ def sinkhorn(
     callbacks = progress_callbacks("sinkhorn", callback, verbose)
 
     solve = functools.partial(run_sinkhorn, problem, eps=eps, rho_a=rho_a, rho_b=rho_b, check_every=check_every,
-                              callbacks=callbacks, domain=domain)
+                              callbacks=callbacks, domain=domain, overrelax=bool(overrelax))
     judge = functools.partial(certified, geom, problem.a, problem.b, eps=eps, rho_a=rho_a, rho_b=rho_b, tol=tol)
     with torch.set_grad_enabled(grad == "unroll" and torch.is_grad_enabled()):
         outcome = solve(max_iter=max_iter, tol=tol, init=_initial_potentials(init, problem, validate=validate),
@@ -215,13 +228,15 @@ def sinkhorn(
 def run_sinkhorn(
     problem: Problem, *, eps: float, max_iter: int, tol: float, rho_a: float = math.inf, rho_b: float = math.inf,
     init: tuple[torch.Tensor, torch.Tensor] | None = None, schedule: Sequence[float] = (), check_every: int = 1,
-    callbacks: Sequence[Callable[[SinkhornProgress], None]] = (), domain: str = "auto",
+    callbacks: Sequence[Callable[[SinkhornProgress], None]] = (), domain: str = "auto", overrelax: bool = True,
 ) -> LoopOutcome:
     """The Sinkhorn iterations on a prepared problem; ``state`` of the outcome is (f, g), batched.
 
     Problems freeze (stop updating) as soon as they converge. Differentiable by unrolling when
     gradients are enabled. ``init`` defaults to zeros. ``domain``: how iterations at the target
     eps compute their softmins (``sinkhorn``); annealing iterations run in the log domain.
+    ``overrelax``: adaptive over-relaxation of the row updates at the target eps
+    (``overrelaxation``).
     """
     geom, a, b = problem.geom, problem.a, problem.b
     B, n, m = geom.shape
@@ -231,10 +246,14 @@ def run_sinkhorn(
     positive = a > 0
     zero_weight = not geom.validate or not bool(positive.all())  # validate=False: no host read
     kernel = stabilised_kernel(geom, eps, domain)
+    balanced = math.isinf(rho_a) and math.isinf(rho_b)
+    relaxation = Overrelaxation(positive if zero_weight else None, functools.partial(rounding_error, geom, eps=eps),
+                                tol) if overrelax and balanced else None
 
     def step(state, e):
         f, g = state
-        f_new, g_new, error = sinkhorn_step(geom, a, b, f, g, eps=e, rho_a=rho_a, rho_b=rho_b, kernel=kernel)
+        f_new, g_new, error = sinkhorn_step(geom, a, b, f, g, eps=e, rho_a=rho_a, rho_b=rho_b, kernel=kernel,
+                                            relax=relaxation if e == eps else None)
         return (f_new, g_new), error, (refresh_zero_weight(positive, f, f_new) if zero_weight else f, g)
 
     # the first iteration's error is that of the initial (f, g), which is not a Sinkhorn iterate
@@ -245,12 +264,14 @@ def run_sinkhorn(
 
 def sinkhorn_step(
     geom, a, b, f, g, *, eps: float, rho_a: float, rho_b: float, kernel: StabilisedKernel | None = None,
+    relax: Overrelaxation | None = None,
 ):
     """One Sinkhorn iteration: ``(f_new, g_new, error of (f, g))``, (B, n), (B, m), (B,).
 
     (f, g) has exact column marginals (g was the last update), so its marginal error is the row
     error, which the f-update gives without a plan product. With a ``kernel`` the softmins are
-    its (scaling domain at its eps), else the geometry's (log domain).
+    its (scaling domain at its eps), else the geometry's (log domain). With ``relax`` (at the
+    target eps) the row update is over-relaxed and the error recorded in it.
     """
     if kernel is None:
         rows = geom.softmin(g, eps, b, axis=1)
@@ -259,6 +280,9 @@ def sinkhorn_step(
     f_new = _damped(tau_of(rho_a, eps), rows)
     with torch.no_grad():
         error = row_error(geom, a, f, f_new, eps)
+    if relax is not None:
+        relax.observe(error, f, g)
+        f_new = relax.relax(f, f_new)
     if kernel is None:
         columns = geom.softmin(f_new, eps, a, axis=0)
     else:
