@@ -40,7 +40,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise if ``t`` holds NaN or infinity. A finite sum (one pass, no mask) settles the usual
     case; a sum that overflows is checked entry by entry."""
     check_tensor(name, t)
-    if t.is_floating_point() and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not math.isfinite(float(t.detach().sum())) and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf)")
 

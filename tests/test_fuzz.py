@@ -369,7 +369,7 @@ def test_sinkhorn_gradients_are_finite(spec, mode, max_iter, probe_seed):
 
 # ----------------------------------------------------------------------------- sns
 @fuzz(50)
-@given(specs(max_size=8), st.sampled_from(["sparse", "dense"]), st.sampled_from(["implicit", "envelope"]),
+@given(specs(max_size=8), st.sampled_from(["sparse", "dense", "direct", "auto"]), st.sampled_from(["implicit", "envelope"]),
        st.sampled_from([1, 5, 30]), st.sampled_from([0, 5, 20]), seeds)
 def test_sns_outputs_and_gradients_are_finite_and_convergence_is_honest(spec, hessian, mode, max_iter,
                                                                         sinkhorn_iter, probe_seed):

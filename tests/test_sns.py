@@ -111,3 +111,43 @@ def test_bad_options_and_non_convergence(gen):
     with pytest.warns(otcore.ConvergenceWarning) as record:
         res = otcore.sns(C, eps=1e-3, tol=1e-14, max_iter=3, sinkhorn_iter=2)
     assert len(record) == 1 and not bool(res.converged)
+
+
+def _log_sinkhorn(C, a, b, eps, iters):
+    """The plan of float64 log-domain Sinkhorn after ``iters`` iterations (a row, then a column
+    c-transform) from zero potentials."""
+    f, g = torch.zeros_like(a), torch.zeros_like(b)
+    for _ in range(iters):
+        f = -eps * torch.logsumexp(b.log() + (g - C) / eps, dim=1)
+        g = -eps * torch.logsumexp(a.log()[:, None] + (f[:, None] - C) / eps, dim=0)
+    return a[:, None] * b * torch.exp((f[:, None] + g - C) / eps)
+
+
+@pytest.mark.parametrize("n, m, rel_eps, offset, shift", [(45, 30, 5e-3, 0.0, 1.0), (25, 40, 1e-3, 1e3, 1.0),
+                                                          (30, 30, 2e-4, 0.0, 2.0)])
+def test_direct_warm_up_is_log_domain_sinkhorn(gen, n, m, rel_eps, offset, shift):
+    """The direct path's own warm-up (scalings of a held plan, log-domain iterations where the
+    plan lost the mass that decides them: the far target cloud's columns after the first row
+    update) gives Sinkhorn's iterates, whatever constant the cost carries; with max_iter =
+    sinkhorn_iter they are the result."""
+    x, y = clouds(n, m, 2, gen, shift=shift)
+    C = sqdist(x, y)
+    a, b = simplex(n, gen), simplex(m, gen)
+    a[3] = 0.0
+    a = a / a.sum()
+    eps = rel_eps * float(C.max())
+    for iters in (1, 4, 12):
+        res = otcore.sns(C + offset, a, b, eps=eps, tol=0, max_iter=iters, sinkhorn_iter=iters, hessian="direct")
+        assert int(res.info["sinkhorn_iter"]) == iters and int(res.info["newton_iter"][0]) == 0
+        assert (res.plan - _log_sinkhorn(C, a, b, eps, iters)).abs().sum() <= 1e-11
+
+
+def test_direct_warm_up_stops_where_sinkhorn_does(gen):
+    """An easy problem converges within the warm-up: it stops at sinkhorn's iteration, with its plan."""
+    C = torch.rand(40, 30, generator=gen, dtype=F64)
+    ref = otcore.sinkhorn(C, eps=0.5, tol=1e-9, max_iter=20)
+    assert bool(ref.converged) and 2 < int(ref.n_iter) < 20
+    res = otcore.sns(C, eps=0.5, tol=1e-9, hessian="direct")
+    assert bool(res.converged) and int(res.info["newton_iter"][0]) == 0
+    assert int(res.info["sinkhorn_iter"]) == int(ref.n_iter)
+    assert (res.plan - ref.plan).abs().sum() <= 1e-12

@@ -1,4 +1,4 @@
-"""Newton steps on the entropic OT dual with the exact Hessian, solved directly (small problems).
+"""Sinkhorn-Newton on the entropic OT dual with the exact Hessian, solved directly (small problems).
 
 In units of eps (phi = f / eps, psi = g / eps, K_ij = log a_i + log b_j - C_ij / eps), the dual
 D(phi, psi) / eps = <a, phi> + <b, psi> - sum_ij exp(K_ij + phi_i + psi_j) has gradient
@@ -6,23 +6,41 @@ D(phi, psi) / eps = <a, phi> + <b, psi> - sum_ij exp(K_ij + phi_i + psi_j) has g
 
     H = [[diag(r), P], [P^T, diag(c)]]      (PSD, null vector (1, -1)).
 
-A step solves (H + lam I) d = grad: eliminating the first block (the larger side: the problem is
-transposed when n < m) leaves the Schur complement S = diag(c + lam) - P^T diag(r + lam)^-1 P,
-(m, m), factored by Cholesky. The gauge (S 1 = 0 at lam = 0) is fixed by adding b b^T / |b|_1,
-which leaves the solution of S x = rhs unchanged when rhs is orthogonal to 1 (it is at lam = 0)
-and picks <b, x> = 0. The shift lam = mu |grad|_2 starts tiny (a plain Newton step) and mu
-adapts to the ratio of actual to predicted increase as in ``sns``; a failed factorisation (S
-singular to working precision: a near-permutation plan) counts as a rejected step. The step
-length is the first of t, t/2, ..., t/128 that increases D, from t = min(1, twice the last step). Problems of a batch are solved one
-after the other, their scalars (step, shift, ratio) on the host: an iteration is about thirty
-kernels on (n, m) tensors and no bookkeeping; O(n m min(n, m)) work, so ``sns`` uses it for
-small problems only.
+A Newton step solves (H + lam I) d = grad: eliminating the block of the larger side (the rows
+when n >= m) leaves the Schur complement S = diag(c + lam) - P^T diag(r + lam)^-1 P, (m, m)
+(rows and columns swap roles when n < m), factored by Cholesky. The gauge (S 1 = 0 at lam = 0)
+is fixed by adding b b^T / |b|_1, which leaves the solution of S x = rhs unchanged when rhs is
+orthogonal to 1 (it is at lam = 0) and picks <b, x> = 0. The shift lam = mu |grad|_2 starts
+tiny (a plain Newton step) and mu adapts to the ratio of actual to predicted increase as in
+``sns``; a failed factorisation (S singular to working precision: a near-permutation plan)
+counts as a rejected step. The step length is the first of t, t/2, ..., t/2^9 that increases D,
+from the t <= 1 that changes no entry of log P by more than ``STEP_REACH``.
+
+Sinkhorn iterations (exact maximisation over phi, then over psi) do the rest: ``sinkhorn_iter``
+of them warm-start the solve, and every Newton iteration ends with
+ceil(min(n, m) / ``SWEEP_COLUMNS``) more, which cost O(n m) against the step's O(n m min(n, m))
+and save Newton iterations where the plan spans a wide range (small eps: up to three times
+fewer on the benchmark suite). Between exponentials, P moves by scalings: a Sinkhorn iteration
+is two matrix-vector products (u = a / (P v), v = b / (P^T u)), a trial step d = (y, x)
+multiplies P_ij by exp(t y_i + t x_j). The scalings applied since P was computed (its drift)
+stay below ``THRESHOLDS`` (Schmitzer's absorption: an entry lost to underflow weighs nothing
+until then): a trial step beyond it computes its plan, a Sinkhorn iteration beyond it is redone
+in the log domain, and convergence is judged on a computed plan. Exponentials are taken of
+arguments clamped at 1 + log(tiny) (tiny: the dtype's smallest normal number): a result at or
+below tiny takes a slow path of the exponential, 5 to 35 times slower (float64, float32) on a
+CPU.
+
+Problems of a batch are solved one after the other, their scalars (step, shift, ratio, value,
+error) on the host: a Newton iteration is about thirty kernels, a trial step and a Sinkhorn
+iteration about twelve each; O(n m min(n, m)) work, so ``sns`` uses it for small problems only.
 
 References:
     Tang, Qiu, "Safe and sparse Newton method for entropic-regularized optimal transport",
     NeurIPS 2024 (shift and its adaptation).
     Brauer, Clason, Lorenz, Wirth, "A Sinkhorn-Newton method for entropic optimal transport",
     arXiv:1710.06635, 2017 (Newton on the dual, Schur complement).
+    Schmitzer, "Stabilized sparse scaling algorithms for entropy regularized transport
+    problems", SIAM J. Sci. Comput. 2019 (scalings absorbed into the potentials).
 """
 
 from __future__ import annotations
@@ -31,88 +49,255 @@ import math
 
 import torch
 
-HALVINGS = 8
+from otcore.solvers.entropic.scaling import THRESHOLDS
+
+HALVINGS = 10
+#: The first trial step t has t |d_i + d_j| <= STEP_REACH for all i, j (tuned on the benchmark suite).
+STEP_REACH = 48.0
 RHO_LOW, RHO_HIGH, MU_UP, MU_DOWN, MU_MIN = 0.25, 0.75, 4.0, 0.5, 1e-6
+#: Every Newton iteration ends with ceil(min(n, m) / SWEEP_COLUMNS) Sinkhorn iterations.
+SWEEP_COLUMNS = 64
 
 
-def direct_newton(C, a, b, f, g, eps, *, tol, max_iter):
-    """Maximise the balanced entropic dual from (f, g) by direct Newton steps, problem by problem.
+def direct_newton(C, a, b, eps, *, tol, max_iter, sinkhorn_iter):
+    """Maximise the balanced entropic dual by Sinkhorn warm-up then Sinkhorn-Newton iterations,
+    problem by problem.
 
     Args:
         C: (B, n, m) cost matrix (no gradient needed).
         a: (B, n) weights, >= 0.
         b: (B, m) weights, >= 0, the masses of ``a`` per problem.
-        f: (B, n) starting potential (a Sinkhorn warm start).
-        g: (B, m) starting potential (a Sinkhorn warm start).
         eps: entropic regularisation.
         tol: stop a problem when |P1 - a|_1 + |P^T 1 - b|_1 <= tol (0: never).
-        max_iter: Newton iterations at most.
+        max_iter: warm-up Sinkhorn and Newton iterations together, at most.
+        sinkhorn_iter: warm-up Sinkhorn iterations (1 to ``max_iter``), fewer if tol is met.
 
     Returns:
-        (f, g, error (B,), iterations per problem (B,) int64), in the dtype and device of C.
+        (f (B, n), g (B, m), error (B,), warm-up iterations (B,) int64, Newton iterations (B,)
+        int64), in the dtype and device of C.
     """
-    transpose = a.shape[-1] < b.shape[-1]
-    if transpose:  # eliminate the larger block: the Schur complement is min(n, m) square
-        C, a, b, f, g = C.mT, b, a, g, f
-    out = [_solve(C[k], a[k], b[k], f[k], g[k], eps, tol, max_iter) for k in range(C.shape[0])]
-    f, g = torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
-    error = torch.tensor([o[2] for o in out], dtype=C.dtype, device=C.device)
-    n_iter = torch.tensor([o[3] for o in out], dtype=torch.int64, device=C.device)
-    return (g, f, error, n_iter) if transpose else (f, g, error, n_iter)
+    with torch.inference_mode():  # less dispatch work per kernel; the outputs are rebuilt outside it
+        out = [_Solver(C[k], a[k], b[k], eps).solve(tol, max_iter, sinkhorn_iter) for k in range(C.shape[0])]
+    n = a.shape[-1]
+    z = torch.stack([o[0] for o in out]) * eps
+    offset = torch.tensor([o[4] for o in out], dtype=C.dtype, device=C.device).unsqueeze(-1)
+    error = torch.tensor([o[1] for o in out], dtype=C.dtype, device=C.device)
+    n_sinkhorn, n_newton = (torch.tensor([o[k] for o in out], dtype=torch.int64, device=C.device) for k in (2, 3))
+    return z[:, :n] + offset, z[:, n:], error, n_sinkhorn, n_newton
 
 
 class _Point:
-    """Scaled potentials (phi, psi) with the plan, its marginals' residuals, the dual value / eps
-    and the L1 marginal error (host floats)."""
+    """Scaled potentials z = (phi, psi) (n + m,) with the plan P (n, m), its marginals
+    rc = (P1, P^T 1), the gradient ab - rc, the dual value / eps (up to a constant) and the L1
+    marginal error (host floats). ``drift``: the scalings applied to P since it was computed
+    from z (0: computed, which ``P=None`` asks for)."""
 
-    def __init__(self, logK, a, b, phi, psi):
-        self.phi, self.psi = phi, psi
-        self.P = torch.add(logK, phi.unsqueeze(-1)).add_(psi).exp_()
-        self.r = self.P.sum(-1)
-        self.ga, self.gb = a - self.r, b - self.P.sum(-2)
-        self.value = float(a.dot(phi) + b.dot(psi) - self.r.sum())
-        self.error = float(self.ga.abs().sum() + self.gb.abs().sum())
+    __slots__ = ("P", "drift", "error", "grad", "rc", "value", "z")
+
+    def __init__(self, solver, z, P=None, drift=0.0):
+        if P is None:
+            P, drift = solver.plan(z), 0.0
+        self.z, self.P, self.drift = z, P, drift
+        rows = P.sum(-1)
+        self.rc = torch.cat((rows, P.sum(-2)))
+        self.grad = torch.sub(solver.ab, self.rc)
+        self.value = float(solver.ab.dot(z) - rows.sum())
+        self.error = float(torch.linalg.vector_norm(self.grad, 1))
 
 
-def _solve(C, a, b, f, g, eps, tol, max_iter):
-    """One problem, (n, m) with n >= m: (f, g, error, iterations)."""
-    logK = torch.add(a.log().unsqueeze(-1), b.log()).sub_(C, alpha=1 / eps)
-    mass = b.sum()
-    gauge = torch.outer(b, b / mass).diagonal_scatter(b * b / mass + (b == 0).to(b.dtype))
-    point = _Point(logK, a, b, f / eps, g / eps)
-    mu, ulp, n_iter, last = MU_MIN, torch.finfo(C.dtype).eps, 0, 1.0
-    while n_iter < max_iter and point.error > tol and math.isfinite(point.error):
-        n_iter += 1
-        P, ga, gb = point.P, point.ga, point.gb
-        lam = mu * float(ga.dot(ga) + gb.dot(gb)) ** 0.5
-        D = point.r + lam
-        D = torch.where(D > 0, D, 1.0)  # an empty row (zero weight, or underflow at lam = 0)
-        W = P / D.unsqueeze(-1)
-        S = torch.addmm(gauge, W.mT, P, alpha=-1)
-        S.diagonal().add_(b - gb + lam)  # diag(c + lam)
-        L, info = torch.linalg.cholesky_ex(S)
-        if int(info):  # S singular to working precision: shift more
-            mu *= MU_UP
-            continue
-        x = torch.cholesky_solve(torch.addmv(gb, W.mT, ga, alpha=-1).unsqueeze(-1), L).squeeze(-1)
-        y = torch.addmv(ga, P, x, alpha=-1).div_(D)
-        slope = float(ga.dot(y) + gb.dot(x))
-        # d^T (H + lam I) d: the system solved adds the gauge term (b^T x)^2 / |b|_1
-        curvature = slope - float(b.dot(x)) ** 2 / float(mass)
-        noise = 64 * ulp * (abs(point.value) + 1)
-        step, trial = min(1.0, 2 * last), None
-        for _ in range(HALVINGS):
-            trial = _Point(logK, a, b, point.phi + step * y, point.psi + step * x)
-            # near the optimum D changes below its rounding noise: then the marginal error decides
-            if math.isfinite(trial.value) and (trial.value > point.value + noise or (
-                    trial.value >= point.value - noise and trial.error < point.error)):
-                break
-            step /= 2
+class _Trial:
+    """A trial point of the line search: z, its plan P (``drift`` as in ``_Point``), the row sums
+    P1 and the dual value / eps (a host float); its marginal error on demand."""
+
+    __slots__ = ("P", "drift", "rows", "value", "z")
+
+    def __init__(self, solver, z, P, drift):
+        self.z, self.P, self.drift = z, P, drift
+        self.rows = P.sum(-1)
+        self.value = float(solver.ab.dot(z) - self.rows.sum())
+
+    def error(self, solver):
+        """|P1 - a|_1 + |P^T 1 - b|_1."""
+        norm = torch.linalg.vector_norm
+        return float(norm(self.rows - solver.a, 1) + norm(self.P.sum(-2) - solver.b, 1))
+
+
+class _Solver:
+    """One problem, (n, m), in units of eps: ``cost`` = -(C - min C) / eps."""
+
+    def __init__(self, C, a, b, eps):
+        self.n = n = a.shape[-1]
+        self.a, self.b = a, b
+        # the plan does not see a constant in C: taking min C out keeps -C / eps small (float32)
+        self.offset = float(C.amin())
+        self.cost = torch.sub(C, self.offset).div_(-eps)
+        self.ab = torch.cat((a, b))
+        self.log_ab = self.ab.log()
+        self.log_a, self.log_b = self.log_ab[:n], self.log_ab[n:]
+        self.zero_weight = bool((self.ab == 0).any())
+        self.zero_a, self.zero_b = a == 0, b == 0
+        # exponentials are taken of arguments >= 1 + log(tiny): a result at or below tiny costs a slow path
+        self.floor = 1.0 + math.log(torch.finfo(C.dtype).tiny)
+        # the Newton step eliminates the larger side and keeps the other: its weights w fix the gauge
+        # (w w^T / |w|_1, a 1 for a zero weight: an empty row and column of S)
+        self.rows_out = n >= b.shape[-1]
+        self.kept = b if self.rows_out else a
+        self.mass = float(self.kept.sum())
+        self.gauge = torch.outer(self.kept, self.kept / self.mass)
+        if self.zero_weight:
+            self.gauge.diagonal().add_(self.kept == 0)
+        self.threshold = THRESHOLDS.get(C.dtype, THRESHOLDS[torch.float32])
+        self.sweep = -(-min(n, b.shape[-1]) // SWEEP_COLUMNS)
+
+    def plan(self, z):
+        """P = exp(K + phi 1^T + 1 psi^T), (n, m), its entries at least e times the dtype's ``tiny``."""
+        shifted = z + self.log_ab
+        exponent = torch.add(self.cost, shifted[: self.n].unsqueeze(-1)).add_(shifted[self.n:])
+        return exponent.clamp_min_(self.floor).exp_()
+
+    def transform(self, potential, rows):
+        """Log-domain update: the row potential making P1 = a from psi (``rows``), or the column
+        potential making P^T 1 = b from phi, a logsumexp over the other side."""
+        if rows:
+            x, dim = self.cost + (potential + self.log_b), -1
         else:
-            mu *= MU_UP
-            continue
-        predicted = step * slope - 0.5 * step**2 * curvature
-        ratio = (trial.value - point.value) / predicted if predicted > noise else 1.0
-        mu = mu * MU_UP if ratio < RHO_LOW else max(mu * MU_DOWN, MU_MIN) if ratio > RHO_HIGH else mu
-        point, last = trial, step
-    return point.phi * eps, point.psi * eps, point.error, n_iter
+            x, dim = self.cost + (potential + self.log_a).unsqueeze(-1), -2
+        top = x.amax(dim)
+        return x.sub_(top.unsqueeze(dim)).clamp_min_(self.floor).exp_().sum(dim).log_().add_(top).neg_()
+
+    def solve(self, tol, max_iter, sinkhorn_iter):
+        """(z (n + m,), error, warm-up iterations, Newton iterations, the offset f carries: min C)."""
+        z, P, drift, n_sinkhorn = self.sinkhorn(torch.zeros_like(self.ab), None, 0.0, tol, sinkhorn_iter)
+        point, n_newton = self.newton(_Point(self, z, P, drift), tol, max_iter - n_sinkhorn)
+        return point.z, point.error, n_sinkhorn, n_newton, self.offset
+
+    def sinkhorn(self, z, P, drift, tol, max_iter, rows=None):
+        """Sinkhorn iterations (a row, then a column update) from z and its plan P (None: not
+        held; ``rows``: P1 if known): (z, P or None, drift, iterations done).
+
+        With a held plan the iterate is u_i P_ij v_j: the row update sets u = a / (P v), the
+        column update v = b / (P^T u) (matrix-vector products), and the scalings are absorbed
+        into z and P at the end. A row update without a held plan is a log-domain c-transform
+        (any cost offset), whose plan is then held. An iteration whose scalings would take the
+        drift past ``threshold`` (its sums may rest on entries lost to the floor of ``plan``)
+        or are not finite is redone in the log domain from the last held iterate, and the plan
+        dropped until the next row update computes it. As in ``sinkhorn``, an iterate's error
+        (its row error: its columns are exact) is known at the next row update, from the second
+        iteration on, and the loop stops before updating an iterate that meets ``tol`` (or
+        whose error is not finite).
+        """
+        a, b, n = self.a, self.b, self.n
+        u = v = None  # the held plan's row and column scalings (None: 1); its iterate is u_i P_ij v_j
+        done, reach = 0, 0.0
+        for it in range(1, max_iter + 1):
+            check, log_row = it > 1 and tol > 0, P is None
+            if log_row:  # log-domain row update; its plan is held, its columns then scaled
+                phi = self.transform(z[n:], rows=True)
+                if check and not float(torch.linalg.vector_norm(torch.expm1(z[:n] - phi).mul_(a), 1)) > tol:
+                    break
+                z = torch.cat((phi, z[n:]))
+                P, drift, new_u = self.plan(z), 0.0, torch.ones_like(a)
+                new_v = self._ratio(b, P.sum(-2), self.zero_b)
+            else:
+                Pv = (P.sum(-1) if rows is None else rows) if v is None else torch.mv(P, v)
+                if check and not float(torch.linalg.vector_norm(torch.mul(Pv, u).sub_(a), 1)) > tol:
+                    break
+                new_u = self._ratio(a, Pv, self.zero_a)
+                new_v = self._ratio(b, torch.mv(P.mT, new_u), self.zero_b)
+            rows, new_reach = None, self._reach(torch.cat((new_u, new_v)))
+            if drift + 2 * new_reach <= self.threshold:
+                u, v, reach = new_u, new_v, new_reach
+            else:
+                if u is not None:
+                    z = z + torch.cat((u, v)).log_()
+                phi = z[:n] if log_row else self.transform(z[n:], rows=True)
+                z = torch.cat((phi, self.transform(phi, rows=False)))
+                P = u = v = None
+            done += 1
+        if u is not None:
+            P.mul_(u.unsqueeze(-1)).mul_(v)
+            z, drift = z + torch.cat((u, v)).log_(), drift + 2 * reach
+        return z, P, drift, done
+
+    @staticmethod
+    def _reach(scales):
+        """max |log scales| (inf when a scale is 0, infinite or NaN)."""
+        low, high = (float(t) for t in torch.aminmax(scales))
+        return max(-math.log(low), math.log(high)) if low > 0 and high < math.inf else math.inf
+
+    def _ratio(self, weights, sums, zero):
+        """weights / sums, 1 at zero weights (``zero``)."""
+        ratio = torch.div(weights, sums)
+        return ratio.masked_fill_(zero, 1.0) if self.zero_weight else ratio
+
+    def direction(self, point, mu):
+        """The Newton direction d (n + m,) of ``point`` at shift mu |grad|_2 and its model terms
+        (slope <grad, d>, curvature d^T (H + lam I) d, a bound on |d_i + d_j|), or None when S is
+        not positive definite."""
+        n, P, grad = self.n, point.P, point.grad
+        lam = mu * float(torch.linalg.vector_norm(grad))
+        shifted = point.rc + lam  # (r + lam, c + lam)
+        if self.rows_out:  # eliminated side e, kept side k
+            Pe, ge, gk, De, Dk = P, grad[:n], grad[n:], shifted[:n], shifted[n:]
+        else:
+            Pe, ge, gk, De, Dk = P.mT, grad[n:], grad[:n], shifted[n:], shifted[:n]
+        if not lam > 0:  # an empty row (zero weight, or underflow) stays 0 in W
+            De = De.clamp_min(torch.finfo(De.dtype).tiny)
+        W = Pe / De.unsqueeze(-1)  # diag(r + lam)^-1 P when the rows are eliminated
+        S = torch.sub(self.gauge, torch.mm(W.mT, Pe))
+        S.diagonal().add_(Dk)
+        L, info = torch.linalg.cholesky_ex(S)
+        if info.item():
+            return None
+        xk = torch.cholesky_solve(torch.addmv(gk, W.mT, ge, alpha=-1).unsqueeze(-1), L).squeeze(-1)
+        xe = torch.addmv(ge, Pe, xk, alpha=-1).div_(De)
+        d = torch.cat((xe, xk) if self.rows_out else (xk, xe))
+        slope, wx, top = torch.stack((grad.dot(d), self.kept.dot(xk), torch.linalg.vector_norm(d, math.inf))).tolist()
+        # d^T (H + lam I) d: the system solved adds the gauge term (w^T x_k)^2 / |w|_1
+        return d, slope, slope - wx**2 / self.mass, 2 * top
+
+    def move(self, point, d, step, reach):
+        """The trial point at z + step d, its plan rescaled from ``point``'s while the drift allows."""
+        z = torch.add(point.z, d, alpha=step)
+        drift = point.drift + step * reach
+        if not drift <= self.threshold:
+            return _Trial(self, z, self.plan(z), 0.0)
+        scale = torch.mul(d, step).exp_()
+        return _Trial(self, z, torch.mul(point.P, scale[: self.n].unsqueeze(-1)).mul_(scale[self.n:]), drift)
+
+    def newton(self, point, tol, max_iter):
+        """Sinkhorn-Newton iterations from ``point``: (the last point, iterations)."""
+        mu, ulp, n_iter = MU_MIN, torch.finfo(point.P.dtype).eps, 0
+        while math.isfinite(point.error):
+            if point.error <= tol and point.drift:  # judge convergence on the plan computed from z
+                point = _Point(self, point.z)
+                continue
+            if point.error <= tol or n_iter >= max_iter:
+                break
+            n_iter += 1
+            found = self.direction(point, mu)
+            if found is None:  # S singular to working precision: shift more
+                mu *= MU_UP
+                continue
+            d, slope, curvature, reach = found
+            noise = 64 * ulp * (abs(point.value) + 1)
+            step = STEP_REACH / reach if reach > STEP_REACH else 1.0
+            for _ in range(HALVINGS):
+                trial = self.move(point, d, step, reach)
+                # near the optimum D changes below its rounding noise: then the marginal error decides
+                if math.isfinite(trial.value) and (trial.value > point.value + noise or (
+                        trial.value >= point.value - noise and trial.error(self) < point.error)):
+                    break
+                step /= 2
+            else:
+                mu *= MU_UP
+                continue
+            predicted = step * slope - 0.5 * step**2 * curvature
+            ratio = (trial.value - point.value) / predicted if predicted > noise else 1.0
+            mu = mu * MU_UP if ratio < RHO_LOW else max(mu * MU_DOWN, MU_MIN) if ratio > RHO_HIGH else mu
+            z, P, drift, _ = self.sinkhorn(trial.z, trial.P, trial.drift, tol, self.sweep, trial.rows)
+            point = _Point(self, z, P, drift)
+        if point.drift:
+            point = _Point(self, point.z)
+        return point, n_iter
+

@@ -10,7 +10,9 @@ where H_s keeps the exact diagonals and drops the entries of P below delta / m (
 of a row is at most delta = nu |grad D|_2, so H_s stays diagonally dominant, hence PSD, and the
 shift lam = mu |grad D|_2 makes it definite and removes the gauge). The step length is the first
 of {1, 1/2, 1/4, 1/10} that increases D; mu adapts to the ratio of actual to predicted increase
-(trust-region style). Both devices come from SSNS; the warm-up and sparsity from SNS.
+(trust-region style). Both devices come from SSNS; the warm-up and sparsity from SNS. Small
+problems take ``newton_direct`` instead (``hessian="direct"``): exact Hessian, Cholesky, and a
+Sinkhorn sweep after every Newton step.
 
 References:
     Tang, Shavlovsky, Rahmanian, Tardini, Thekumparampil, Xiao, Ying, "Accelerating Sinkhorn
@@ -138,10 +140,12 @@ def sns(
         sinkhorn_iter: warm-up Sinkhorn iterations (it stops early if already converged).
         hessian: ``"direct"`` (materialise P and solve each Newton system with the exact Hessian
             by Cholesky on its Schur complement, ``newton_direct``: O(n m min(n, m)) per step,
-            a few kernels, no inner iterations), ``"sparse"`` (materialise P each step, drop
-            small entries, conjugate gradient), ``"dense"`` (Hessian-free CG: every product is a
-            pass over the geometry, O(n + m) memory; suits GPUs and point clouds) or ``"auto"``
-            (``"direct"`` when n m min(n, m) <= ``DIRECT_MAX``, else ``"sparse"``).
+            a few kernels, no inner iterations; each Newton iteration there ends with
+            ceil(min(n, m) / ``SWEEP_COLUMNS``) Sinkhorn iterations, counted as part of it),
+            ``"sparse"`` (materialise P each step, drop small entries, conjugate gradient),
+            ``"dense"`` (Hessian-free CG: every product is a pass over the geometry, O(n + m)
+            memory; suits GPUs and point clouds) or ``"auto"`` (``"direct"`` when
+            n m min(n, m) <= ``DIRECT_MAX``, else ``"sparse"``).
         grad: ``"implicit"`` or ``"envelope"`` as in ``sinkhorn`` (the fixed point is the same;
             ``"unroll"`` is not offered: CG and sparsification are not differentiated).
         cg_rtol: inner conjugate-gradient setting of the Newton steps: the smallest relative
@@ -170,16 +174,17 @@ def sns(
     _, n, m = geom.shape
 
     with torch.no_grad():
-        warm = run_sinkhorn(problem, eps=eps, tol=tol, max_iter=max(1, min(sinkhorn_iter, max_iter)))
-        f, g = warm.state
-        n_sinkhorn = warm.n_iter
         if hessian == "auto":
             hessian = "direct" if n * m * min(n, m) <= DIRECT_MAX else "sparse"
-        budget = max(0, max_iter - int(n_sinkhorn.max()))
-        if hessian == "direct":
-            f, g, error, n_newton = direct_newton(geom.materialize().detach(), a, b, f, g, eps, tol=tol,
-                                                  max_iter=budget)
+        warm_iter = max(1, min(sinkhorn_iter, max_iter))
+        if hessian == "direct":  # its own warm-up: the same Sinkhorn iterations on the materialised cost
+            f, g, error, n_sinkhorn, n_newton = direct_newton(geom.materialize().detach(), a, b, eps, tol=tol,
+                                                              max_iter=max_iter, sinkhorn_iter=warm_iter)
         else:
+            warm = run_sinkhorn(problem, eps=eps, tol=tol, max_iter=warm_iter)
+            f, g = warm.state
+            n_sinkhorn = warm.n_iter
+            budget = max(0, max_iter - int(n_sinkhorn.max()))
             f, g, error, n_newton = _iterative_newton(geom, a, b, f, g, eps, tol=tol, max_iter=budget,
                                                       sparse=hessian == "sparse", cg_rtol=cg_rtol,
                                                       cg_max_iter=cg_max_iter)
