@@ -49,6 +49,7 @@ import math
 
 import torch
 
+from otcore._precision import exp_above_tiny_
 from otcore.solvers.entropic.scaling import THRESHOLDS
 
 HALVINGS = 10
@@ -136,8 +137,6 @@ class _Solver:
         self.log_a, self.log_b = self.log_ab[:n], self.log_ab[n:]
         self.zero_weight = bool((self.ab == 0).any())
         self.zero_a, self.zero_b = a == 0, b == 0
-        # exponentials are taken of arguments >= 1 + log(tiny): a result at or below tiny costs a slow path
-        self.floor = 1.0 + math.log(torch.finfo(C.dtype).tiny)
         # the Newton step eliminates the larger side and keeps the other: its weights w fix the gauge
         # (w w^T / |w|_1, a 1 for a zero weight: an empty row and column of S)
         self.rows_out = n >= b.shape[-1]
@@ -153,7 +152,7 @@ class _Solver:
         """P = exp(K + phi 1^T + 1 psi^T), (n, m), its entries at least e times the dtype's ``tiny``."""
         shifted = z + self.log_ab
         exponent = torch.add(self.cost, shifted[: self.n].unsqueeze(-1)).add_(shifted[self.n:])
-        return exponent.clamp_min_(self.floor).exp_()
+        return exp_above_tiny_(exponent)
 
     def transform(self, potential, rows):
         """Log-domain update: the row potential making P1 = a from psi (``rows``), or the column
@@ -163,7 +162,7 @@ class _Solver:
         else:
             x, dim = self.cost + (potential + self.log_a).unsqueeze(-1), -2
         top = x.amax(dim)
-        return x.sub_(top.unsqueeze(dim)).clamp_min_(self.floor).exp_().sum(dim).log_().add_(top).neg_()
+        return exp_above_tiny_(x.sub_(top.unsqueeze(dim))).sum(dim).log_().add_(top).neg_()
 
     def solve(self, tol, max_iter, sinkhorn_iter):
         """(z (n + m,), error, warm-up iterations, Newton iterations, the offset f carries: min C)."""
