@@ -62,7 +62,7 @@ def _errors(rank, rows, cols, p):
         lambda: otcore.distributed.BothSharded(x[:, : 2 + min(rank, 1)], y[:, : 2 + min(rank, 1)]),  # d differs
         lambda: otcore.distributed.BothSharded(x.float() if rank == 0 else x, y.float() if rank == 0 else y),
         lambda: otcore.distributed.BothSharded(x, y if rank != 1 else torch.full_like(y, float("nan"))),
-        lambda: otcore.sns(geom, p["a"][rows], p["b"][cols], eps=EPS),
+        lambda: otcore.sparse_ot(geom, k=2),
     ]
     errors = []
     for call in bad:
@@ -102,13 +102,13 @@ def test_both_sharded_sinkhorn_matches_one_process(rows, cols, tmp_path):
             torch.testing.assert_close(r[key], whole[key], **CLOSE, msg=lambda s, k=key: f"{k}: {s}")
         assert r["cost_range"] == pytest.approx(whole["cost_range"], rel=1e-12)
         assert int(r["n_iter"]) == int(ranks[0]["n_iter"])  # every rank stopped at the same iteration
-        scaling, plan, dimension, dtype, invalid, sns = r["errors"]
+        scaling, plan, dimension, dtype, invalid, other = r["errors"]
         assert "sharded" in scaling
         assert "no whole row" in plan
         assert "dimension d" in dimension and "x, y" in dimension
         assert "dtype" in dtype
         assert ("y holds" in invalid and "non-finite" in invalid) if rank == 1 else "rank(s) [1]" in invalid
-        assert "runs in otcore.sinkhorn only" in sns
+        assert "runs only in otcore.sinkhorn" in other
 
 
 def test_both_sharded_needs_an_initialised_group():

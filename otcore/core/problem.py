@@ -81,8 +81,9 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True, sharde
     """
     geom = as_geometry(cost, validate=validate)
     if geom.sharded and not sharded:
-        raise ValueError("cost: a geometry sharded across processes (otcore.distributed) runs in otcore.sinkhorn "
-                         "only; this solver would sum over this process's points alone")
+        raise ValueError("cost: a geometry sharded across processes (otcore.distributed) runs only in otcore.sinkhorn, "
+                         "otcore.sns and otcore.sinkhorn_divergence; this solver would sum over this process's points "
+                         "alone")
     out_dtype = geom.dtype
     compute = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     geom = geom.to_dtype(compute)

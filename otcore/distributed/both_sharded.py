@@ -100,8 +100,9 @@ class BothSharded(Geometry):
 
     Every rank must call the same solver with the same arguments apart from its shards (eps,
     tol, the same ``requires_grad`` flags), with its shards of the weights (``a=None``: 1/n over
-    every rank's points, as for one process). Only log-domain Sinkhorn runs on it (the scaling
-    domain, and the solvers that need whole rows of the cost, refuse it); ``materialize`` and
+    every rank's points, as for one process). ``sinkhorn`` (log domain), ``sinkhorn_divergence``
+    and ``sns`` (Hessian-free) run on it; the scaling domain and the solvers that need whole rows
+    of the cost refuse it; ``materialize`` and
     ``result.plan`` raise (no rank holds a whole row of C). ``BothSharded.total(t, axis)`` is the
     differentiable all-reduce to use for a loss on the local potentials.
 

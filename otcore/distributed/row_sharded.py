@@ -78,8 +78,9 @@ class RowSharded(Geometry):
     Every rank must call the same solver with the same arguments apart from its shard (x_local,
     a_local, its rows of C): the same y, b, eps, tol and the same ``requires_grad`` flags.
     ``RowSharded.total(t, 0)`` is the differentiable all-reduce to use for a loss on the local
-    potentials (``total(w * f, 0)``). Only log-domain iterations run on it (the scaling domain's
-    local matrix products would sum over this rank's rows only).
+    potentials (``total(w * f, 0)``). ``sinkhorn`` (log-domain iterations: the scaling domain's
+    local matrix products would sum over this rank's rows only), ``sinkhorn_divergence`` (point
+    clouds) and ``sns`` (Hessian-free) run on it.
 
     Shapes: ``shape`` is this rank's (B, n_local, m); per-row tensors (a, f) are (B, n_local).
 

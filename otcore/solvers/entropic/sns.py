@@ -145,7 +145,9 @@ def sns(
             ``"sparse"`` (materialise P each step, drop small entries, conjugate gradient),
             ``"dense"`` (Hessian-free CG: every product is a pass over the geometry, O(n + m)
             memory; suits GPUs and point clouds) or ``"auto"`` (``"direct"`` when
-            n m min(n, m) <= ``DIRECT_MAX``, else ``"sparse"``).
+            n m min(n, m) <= ``DIRECT_MAX``, else ``"sparse"``; ``"dense"`` on a geometry sharded
+            across processes, ``otcore.distributed``, where no rank holds the plan: its products
+            and CG's dot products are then reductions across the ranks).
         grad: ``"implicit"`` or ``"envelope"`` as in ``sinkhorn`` (the fixed point is the same;
             ``"unroll"`` is not offered: CG and sparsification are not differentiated).
         cg_rtol: inner conjugate-gradient setting of the Newton steps: the smallest relative
@@ -167,15 +169,18 @@ def sns(
         raise ValueError(f"grad must be 'implicit' or 'envelope' for sns, got {grad!r}")
     max_iter = check_max_iter("max_iter", max_iter)
     sinkhorn_iter = check_max_iter("sinkhorn_iter", sinkhorn_iter, minimum=0)
-    problem = prepare_problem(cost, a, b, balanced=True, validate=validate)
+    problem = prepare_problem(cost, a, b, balanced=True, validate=validate, sharded=True)
     geom, a, b = problem.geom, problem.a, problem.b
+    if geom.sharded and hessian in ("direct", "sparse"):
+        raise ValueError(f"hessian={hessian!r} materialises the plan, which a geometry sharded across processes "
+                         "holds on no rank: use hessian='dense' (or 'auto')")
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
     cg_rtol = default_rtol(geom.dtype) if cg_rtol is None else check_positive("cg_rtol", cg_rtol)
     _, n, m = geom.shape
 
     with torch.no_grad():
         if hessian == "auto":
-            hessian = "direct" if n * m * min(n, m) <= DIRECT_MAX else "sparse"
+            hessian = "dense" if geom.sharded else "direct" if n * m * min(n, m) <= DIRECT_MAX else "sparse"
         warm_iter = max(1, min(sinkhorn_iter, max_iter))
         if hessian == "direct":  # its own warm-up: the same Sinkhorn iterations on the materialised cost
             f, g, error, n_sinkhorn, n_newton = direct_newton(geom.materialize().detach(), a, b, eps, tol=tol,
@@ -188,7 +193,7 @@ def sns(
             f, g, error, n_newton = _iterative_newton(geom, a, b, f, g, eps, tol=tol, max_iter=budget,
                                                       sparse=hessian == "sparse", cg_rtol=cg_rtol,
                                                       cg_max_iter=cg_max_iter)
-        if bool((a == 0).any() or (b == 0).any()):
+        if bool((~geom.all_true(~((a == 0).any(-1) | (b == 0).any(-1)))).any()):  # on any process
             # zero-weight points: their potentials take no part in Newton's system; as in
             # sinkhorn, return their c-transforms (what the weights' derivatives read)
             f = refresh_zero_weight(a > 0, f, geom.softmin(g, eps, b, axis=1))
