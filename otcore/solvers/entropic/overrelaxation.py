@@ -81,6 +81,8 @@ class Overrelaxation:
                     theta = torch.where(self.rounding(f, g) <= QUIET * self.tol, theta, 0.0)
                 self.omega = (2 / (1 + torch.sqrt(1 - theta))).clamp(max=CAP).unsqueeze(-1)
                 self.best = error.clone()
+                if error.device.type == "cpu" and bool((self.omega == 1).all()):
+                    self.omega = None  # nothing to relax: plain updates, without the relaxation's operations
             elif self.omega is not None and self.best is not None:
                 self.best = torch.minimum(self.best, error)
                 climbing = (error > BLOWUP * self.best).unsqueeze(-1)
