@@ -12,8 +12,9 @@ is built once at reference potentials (f0, g0); a softmin is then one matrix-vec
 (f0, g0) <- (f, g) and K~ rebuilt, before they leave [e^-T, e^T] (T = ``threshold``): then
 every product is a sum of positive terms of bounded range, with no overflow and no underflow
 that matters, at any eps. A half-step whose result is not finite anyway (a row of K~ that
-underflows entirely, far from the fixed point) is recomputed by the geometry's log-domain
-softmin, and the kernel is rebuilt before the next one. A solve that keeps absorbing (eps small
+underflows entirely, far from the fixed point), or whose sums are so small that they may rest on
+subnormal entries of K~ (below tiny / u: a few significant bits), is recomputed by the geometry's
+log-domain softmin, and the kernel is rebuilt before the next one. A solve that keeps absorbing (eps small
 against the costs: the potentials move by many eps per iteration) goes back to the log domain,
 where an iteration costs about what an absorption does.
 
@@ -115,6 +116,9 @@ class StabilisedKernel:
     def __init__(self, geom: Geometry, eps: float):
         self.geom, self.eps = geom, eps
         self.threshold = THRESHOLDS[geom.dtype]
+        # a sum below tiny / u may rest on subnormal kernel entries (a few significant bits): such a
+        # half-step is recomputed in the log domain, as a non-finite one is
+        self.full_precision = torch.finfo(geom.dtype).tiny / torch.finfo(geom.dtype).eps
         self.kernel: torch.Tensor | None = None  # (B, n, m)
         self.f0: torch.Tensor | None = None  # (B, n)
         self.g0: torch.Tensor | None = None  # (B, m)
@@ -150,8 +154,10 @@ class StabilisedKernel:
             sums = torch.bmm(kernel, scaled.unsqueeze(-1)).squeeze(-1)
         else:
             sums = torch.bmm(scaled.unsqueeze(-2), kernel).squeeze(-2)
+        smallest = sums.amin()
         out = torch.add(f0 if axis == 1 else g0, sums.log_(), alpha=-self.eps)
-        if math.isfinite(float(out.sum())):
+        total, smallest = torch.stack((out.sum(), smallest)).tolist()  # one host read
+        if math.isfinite(total) and smallest >= self.full_precision:
             return out
         self.kernel = None  # rebuilt at the next half-step, from an iterate the log domain made
         return self.geom.softmin(h, self.eps, weights, axis=axis)
