@@ -39,6 +39,7 @@ from otcore._precision import HALF
 from otcore.distributed.collectives import all_reduce, all_reduce_sum, check_group, gather_descriptors
 from otcore.distributed.ring import Ring, RingOp, ring_reduce
 from otcore.distributed.row_sharded import _BACKENDS, _CALLABLE_COST, _DTYPES, _NAMED_COSTS
+from otcore.distributed.sharded import ShardedGeometry
 from otcore.geometry import Geometry, PointCloud
 from otcore.geometry.backends import torch_blocked
 from otcore.geometry.base import _row_ends, _row_sums
@@ -81,7 +82,7 @@ def _common_frame(x: torch.Tensor, y: torch.Tensor, count: int, group) -> tuple[
     return x - center, y - center
 
 
-class BothSharded(Geometry):
+class BothSharded(ShardedGeometry):
     """This rank's shard of the sources against its shard of the targets, the other ranks'
     shards reached around a ring.
 
@@ -123,9 +124,8 @@ class BothSharded(Geometry):
         ``validate``). The check is one all-gather of a few integers.
     """
 
-    sharded = True
-    #: never a dense plan: no rank holds a whole row of it
-    holds_costs = False
+    inner: PointCloud  # this rank's shards, in the common frame
+
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, cost="sqeuclidean", backend: str = "auto", *,
                  group=None, validate: bool = True):
@@ -190,21 +190,6 @@ class BothSharded(Geometry):
             yield self.inner.with_tensors(x.detach(), cast(torch.Tensor, y_block))
 
     # ----------------------------------------------------------------- subclass interface
-    @property
-    def shape(self):
-        return self.inner.shape
-
-    @property
-    def tensors(self):
-        return self.inner.tensors
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.inner.dtype
-
-    def with_tensors(self, *tensors: torch.Tensor) -> BothSharded:
-        return self._replace(inner=self.inner.with_tensors(*tensors))
-
     def self_transport(self) -> tuple[BothSharded, BothSharded]:
         """(x <-> x, y <-> y), both sharded as the rows (the columns) are: the ring of each side
         serves as rows and columns."""
@@ -244,9 +229,6 @@ class BothSharded(Geometry):
         """As ``Geometry.amax``: an all-reduce MAX over either axis."""
         return all_reduce(t.detach().amax(-1), dist.ReduceOp.MAX, self.group)
 
-    def all_true(self, flags: torch.Tensor) -> torch.Tensor:
-        """As ``Geometry.all_true``: an all-reduce MIN of the ranks' flags."""
-        return all_reduce(flags.to(torch.uint8), dist.ReduceOp.MIN, self.group).bool()
 
     def softmin(self, h, eps, weights=None, axis=1):
         """As ``Geometry.softmin``, over every rank's points of the reduced axis. ``axis=1``:

@@ -39,6 +39,7 @@ from otcore.distributed.collectives import (
     gather_descriptors,
     logsumexp_across,
 )
+from otcore.distributed.sharded import ShardedGeometry
 from otcore.geometry import CostMatrix, Geometry, PointCloud
 from otcore.geometry.backends import torch_blocked
 from otcore.geometry.base import _row_ends
@@ -66,7 +67,7 @@ def shard(t: torch.Tensor, dim: int = 0, group=None) -> torch.Tensor:
     return torch.tensor_split(t, world, dim=dim)[rank]
 
 
-class RowSharded(Geometry):
+class RowSharded(ShardedGeometry):
     """``geom``'s rows are this rank's shard of the sources; its columns are replicated.
 
     ``otcore.sinkhorn(RowSharded(PointCloud(x_local, y)), a_local, b, eps=...)`` then solves the
@@ -98,9 +99,6 @@ class RowSharded(Geometry):
         of y are not compared.
     """
 
-    sharded = True
-    #: never a dense plan: its products would sum over this rank's rows only
-    holds_costs = False
 
     def __init__(self, geom: Geometry, group=None):
         if not isinstance(geom, (PointCloud, CostMatrix)) or geom.sharded:
@@ -156,26 +154,11 @@ class RowSharded(Geometry):
         return enter_shard(t, self.group)
 
     # ----------------------------------------------------------------- subclass interface (local rows)
-    @property
-    def shape(self):
-        return self.inner.shape
-
-    @property
-    def tensors(self):
-        return self.inner.tensors
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.inner.dtype
-
     def cost_rows(self, rows, transpose=False):
         return self._local().cost_rows(rows, transpose)
 
     def fill_scores(self, rows, buf, h, inv_eps, transpose):
         return self.inner.fill_scores(rows, buf, h, inv_eps, transpose)
-
-    def with_tensors(self, *tensors: torch.Tensor) -> RowSharded:
-        return self._replace(inner=self.inner.with_tensors(*tensors))
 
     def self_transport(self):
         """(x <-> x, y <-> y) of a point cloud: every rank's sources against every rank's, a
@@ -219,9 +202,6 @@ class RowSharded(Geometry):
         local = t.detach().amax(-1)
         return all_reduce(local, dist.ReduceOp.MAX, self.group) if axis == 0 else local
 
-    def all_true(self, flags: torch.Tensor) -> torch.Tensor:
-        """As ``Geometry.all_true``: an all-reduce MIN of the ranks' flags."""
-        return all_reduce(flags.to(torch.uint8), dist.ReduceOp.MIN, self.group).bool()
 
     def softmin(self, h, eps, weights=None, axis=1):
         """As ``Geometry.softmin``. ``axis=1``: h, weights (B, m) -> this rank's rows (B, n_local).
