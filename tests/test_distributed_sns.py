@@ -1,10 +1,14 @@
-"""otcore.sns on RowSharded and BothSharded point clouds over 2 gloo processes (Hessian-free
-Newton: plan products and CG's dot products reduced across the ranks) against one process
-(float64): value, potentials up to the common gauge, the implicit gradient in each rank's points;
-the Hessians that need the whole plan are refused on every rank."""
+"""otcore.sns on sharded point clouds over 2 and 3 gloo processes (uneven shards) against one
+process on the whole problem (float64): RowSharded with the Hessian-free Newton systems
+("dense") and the sparsified Hessian assembled from each rank's rows of the plan ("sparse"),
+BothSharded with "dense". Checked: the value on every rank, the f and g shards up to one gauge
+common to every rank, the Newton iteration count, the implicit gradient in each rank's points;
+"auto" choosing by the whole problem's sizes; the Hessians no rank holds refused on every rank."""
 
 import os
+import sys
 
+import pytest
 import torch
 from conftest import run_gloo, shard_slice
 
@@ -12,54 +16,112 @@ import otcore
 import otcore.distributed
 from otcore.geometry import PointCloud
 
-TIMEOUT_S = 90
-ROWS, COLS = [5, 8], [7, 4]
-OPTIONS = {"eps": 0.05, "tol": 1e-10, "max_iter": 200}
-CLOSE = {"rtol": 0, "atol": 1e-9}
+TIMEOUT_S = 120
+#: rows and columns of each rank, uneven (columns: BothSharded's shards of the targets)
+SIZES = {2: ([13, 20], [17, 11]), 3: ([9, 14, 11], [12, 7, 9])}
+#: one warm-up iteration: one process's warm-up may take the scaling domain, which shards do not;
+#: from one iteration on, the Newton iterates are the same on both up to reduction order
+OPTIONS = {"eps": 0.05, "tol": 1e-10, "max_iter": 200, "sinkhorn_iter": 1}
+#: "auto" is only watched choosing: one Newton step after one Sinkhorn iteration
+AUTO_OPTIONS = {"eps": 0.05, "max_iter": 2, "sinkhorn_iter": 1, "warn": False}
+CLOSE = {"rtol": 0, "atol": 1e-10}
 
 
-def _problem():
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(sum(ROWS), 2, generator=g, dtype=torch.float64)
-    y = torch.randn(sum(COLS), 2, generator=g, dtype=torch.float64) + 0.5
-    return {"x": x, "y": y}
+def _problem(world):
+    rows, cols = SIZES[world]
+    g = torch.Generator().manual_seed(world)
+    x = torch.randn(sum(rows), 2, generator=g, dtype=torch.float64)
+    y = torch.randn(sum(cols), 2, generator=g, dtype=torch.float64) + 0.5
+    a = torch.rand(sum(rows), generator=g, dtype=torch.float64) + 0.5
+    b = torch.rand(sum(cols), generator=g, dtype=torch.float64) + 0.5
+    return {"x": x, "y": y, "a": a / a.sum(), "b": b / b.sum()}
 
 
-def _solve(geom_of, x, y):
-    leaf = x.clone().requires_grad_()
-    res = otcore.sns(geom_of(leaf, y), **OPTIONS)
-    (grad,) = torch.autograd.grad(res.value, leaf)
-    return res.value.detach(), res.f.detach(), res.g.detach(), bool(res.converged), grad
+def _solve(geom_of, x, y, a, b, hessian):
+    """Value, potentials, Newton iterations and the implicit gradient of the value in x and y."""
+    leaves = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+    res = otcore.sns(geom_of(*leaves), a, b, hessian=hessian, **OPTIONS)
+    grads = torch.autograd.grad(res.value, leaves)
+    return {"value": res.value.detach(), "f": res.f.detach(), "g": res.g.detach(), "converged": bool(res.converged),
+            "newton_iter": int(res.info["newton_iter"][0]), "grad_x": grads[0], "grad_y": grads[1]}
+
+
+def _row_sharded(x, y):
+    return otcore.distributed.RowSharded(PointCloud(x, y))
+
+
+def _auto_choices(problems, direct_max):
+    """Whether ``hessian="auto"`` took the sparse Hessian on each (geometry, a, b), with
+    ``DIRECT_MAX`` set to ``direct_max``."""
+    module = sys.modules["otcore.solvers.entropic.sns"]
+    original, original_max, chosen = module._iterative_newton, module.DIRECT_MAX, []
+
+    def recording(*args, **kwargs):
+        chosen.append(kwargs["sparse"])
+        return original(*args, **kwargs)
+
+    module._iterative_newton, module.DIRECT_MAX = recording, direct_max
+    try:
+        for geom, a, b in problems:
+            otcore.sns(geom, a, b, **AUTO_OPTIONS)
+    finally:
+        module._iterative_newton, module.DIRECT_MAX = original, original_max
+    return chosen
 
 
 def _worker(rank, world, p, path):
-    r, c = shard_slice(ROWS, rank), shard_slice(COLS, rank)
-    out = {"row": _solve(lambda x, y: otcore.distributed.RowSharded(PointCloud(x, y)), p["x"][r], p["y"]),
-           "both": _solve(otcore.distributed.BothSharded, p["x"][r], p["y"][c])}
+    rows, cols = SIZES[world]
+    r, c = shard_slice(rows, rank), shard_slice(cols, rank)
+    x, y, a, b = p["x"][r], p["y"], p["a"][r], p["b"]
+    out = {"row_" + h: _solve(_row_sharded, x, y, a, b, h) for h in ("dense", "sparse")}
+    out["both_dense"] = _solve(otcore.distributed.BothSharded, x, y[c], a, b[c], "dense")
+    row, both = (_row_sharded(x, y), a, b), (otcore.distributed.BothSharded(x, y[c]), a, b[c])
+    # "auto" by the whole problem's n m min(n, m): a bound just below it (sparse) and at it (direct:
+    # dense on shards); each rank's own sizes would give direct, hence dense, in both cases
+    n, m = sum(rows), sum(cols)
+    work = n * m * min(n, m)
+    out["auto"] = [_auto_choices([row, both], direct_max) for direct_max in (work - 1, work)]
     errors = []
-    for hessian in ("direct", "sparse"):
+    for (geom, a_k, b_k), hessian in ((row, "direct"), (both, "direct"), (both, "sparse")):
         try:
-            otcore.sns(otcore.distributed.BothSharded(p["x"][r], p["y"][c]), hessian=hessian, **OPTIONS)
+            otcore.sns(geom, a_k, b_k, hessian=hessian, **OPTIONS)
         except ValueError as e:
             errors.append(str(e))
     out["errors"] = errors
     torch.save(out, os.path.join(path, f"rank{rank}.pt"))
 
 
-def test_sharded_sns_matches_one_process(tmp_path):
-    p = _problem()
-    run_gloo(_worker, 2, p, str(tmp_path), timeout=TIMEOUT_S)
-    value, f, g, converged, grad = _solve(PointCloud, p["x"], p["y"])
-    assert converged
-    for rank in range(2):
-        out = torch.load(tmp_path / f"rank{rank}.pt")
-        r, c = shard_slice(ROWS, rank), shard_slice(COLS, rank)
-        for kind, cols in (("row", slice(None)), ("both", c)):
-            value_k, f_k, g_k, converged_k, grad_k = out[kind]
-            assert converged_k
-            torch.testing.assert_close(value_k, value, **CLOSE)
-            gauge = (g[cols] - g_k).mean()
-            torch.testing.assert_close(g_k, g[cols] - gauge, **CLOSE)
-            torch.testing.assert_close(f_k, f[r] + gauge, **CLOSE)
-            torch.testing.assert_close(grad_k, grad[r], **CLOSE)
-        assert len(out["errors"]) == 2 and all("hessian='dense'" in e for e in out["errors"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_sns_matches_one_process(world, tmp_path):
+    p = _problem(world)
+    run_gloo(_worker, world, p, str(tmp_path), timeout=TIMEOUT_S)
+    rows, cols = SIZES[world]
+    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in range(world)]
+    wholes = {h: _solve(PointCloud, p["x"], p["y"], p["a"], p["b"], h) for h in ("dense", "sparse")}
+    for kind, hessian in (("row_dense", "dense"), ("row_sparse", "sparse"), ("both_dense", "dense")):
+        whole = wholes[hessian]
+        assert whole["converged"]
+        column = (lambda k: slice(None)) if kind.startswith("row") else (lambda k: shard_slice(cols, k))
+        # one gauge (f + k, g - k) for every rank: the ranks' potentials are one solution
+        gauge = (whole["g"][column(0)] - ranks[0][kind]["g"]).mean()
+        for k, out in enumerate(ranks):
+            got = out[kind]
+            r = shard_slice(rows, k)
+            assert got["converged"], kind
+            assert got["newton_iter"] == whole["newton_iter"], kind  # the same arithmetic up to reduction order
+            torch.testing.assert_close(got["value"], whole["value"], **CLOSE, msg=lambda s, q=kind: f"{q} value: {s}")
+            torch.testing.assert_close(got["g"], whole["g"][column(k)] - gauge, **CLOSE,
+                                       msg=lambda s, q=kind: f"{q} g: {s}")
+            torch.testing.assert_close(got["f"], whole["f"][r] + gauge, **CLOSE, msg=lambda s, q=kind: f"{q} f: {s}")
+            torch.testing.assert_close(got["grad_x"], whole["grad_x"][r], **CLOSE,
+                                       msg=lambda s, q=kind: f"{q} grad x: {s}")
+            # y: whole on every rank (RowSharded replicates it), else this rank's shard
+            torch.testing.assert_close(got["grad_y"], whole["grad_y"][column(k)], **CLOSE,
+                                       msg=lambda s, q=kind: f"{q} grad y: {s}")
+    for out in ranks:
+        # [RowSharded, BothSharded] under each bound: sparse only on RowSharded below the whole size
+        assert out["auto"] == [[True, False], [False, False]]
+        direct_row, direct_both, sparse_both = out["errors"]
+        assert "hessian='direct'" in direct_row and "hessian='sparse'" in direct_row
+        assert "hessian='direct'" in direct_both
+        assert "BothSharded" in sparse_both and "hessian='dense'" in sparse_both

@@ -125,6 +125,7 @@ class BothSharded(ShardedGeometry):
     """
 
     inner: PointCloud  # this rank's shards, in the common frame
+    holds_rows = False
 
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, cost="sqeuclidean", backend: str = "auto", *,
@@ -220,10 +221,10 @@ class BothSharded(ShardedGeometry):
         self._whole_rows("kernel_operands")
 
     # ----------------------------------------------------------------- reductions across ranks
-    def total(self, t: torch.Tensor, axis: int) -> torch.Tensor:
-        """As ``Geometry.total``: an all-reduce of the ranks' sums over either axis,
-        differentiable (each rank's backward reaches its own t)."""
-        return all_reduce_sum(t.sum(-1), self.group)
+    def sum_partials(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """As ``Geometry.sum_partials`` (hence ``total``): an all-reduce of the ranks' parts over
+        either axis, differentiable (each rank's backward reaches its own t)."""
+        return all_reduce_sum(t, self.group)
 
     def amax(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """As ``Geometry.amax``: an all-reduce MAX over either axis."""

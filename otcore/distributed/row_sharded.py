@@ -7,8 +7,9 @@ the geometry and becomes a collective:
 
 * ``softmin(axis=0)`` (the g-update): each rank's log-sum-exp over its rows, combined by a
   stable log-sum-exp all-reduce (MAX, then SUM of the shifted exponentials);
-* ``total(axis=0)`` (masses, marginal errors, the dual value, conjugate-gradient dot products)
-  and ``kernel_apply(axis=0)`` (plan products P^T v): all-reduce SUM;
+* ``total(axis=0)`` (masses, marginal errors, the dual value, conjugate-gradient dot products),
+  ``kernel_apply(axis=0)`` (plan products P^T v) and ``sum_partials(axis=0)`` (products with
+  this rank's rows of a materialised plan, as ``sns``'s sparse Hessian takes them): all-reduce SUM;
 * ``cost_range`` and ``max_cost``: all-reduce MAX.
 
 Every replicated output is computed identically on every rank (gloo's and NCCL's all-reduce
@@ -81,7 +82,8 @@ class RowSharded(ShardedGeometry):
     ``RowSharded.total(t, 0)`` is the differentiable all-reduce to use for a loss on the local
     potentials (``total(w * f, 0)``). ``sinkhorn`` (log-domain iterations: the scaling domain's
     local matrix products would sum over this rank's rows only), ``sinkhorn_divergence`` (point
-    clouds) and ``sns`` (Hessian-free) run on it.
+    clouds) and ``sns`` (Hessian-free, or with the sparsified Hessian assembled from each rank's
+    rows of the plan) run on it.
 
     Shapes: ``shape`` is this rank's (B, n_local, m); per-row tensors (a, f) are (B, n_local).
 
@@ -192,10 +194,10 @@ class RowSharded(ShardedGeometry):
         return self if self.dtype == dtype else self._replace(inner=self.inner.to_dtype(dtype))
 
     # ----------------------------------------------------------------- reductions across ranks
-    def total(self, t: torch.Tensor, axis: int) -> torch.Tensor:
-        """As ``Geometry.total``; over the sources (``axis=0``) an all-reduce of the ranks' sums,
-        differentiable (each rank's backward reaches its own t)."""
-        return all_reduce_sum(t.sum(-1), self.group) if axis == 0 else t.sum(-1)
+    def sum_partials(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """As ``Geometry.sum_partials`` (hence ``total``); over the sources (``axis=0``) an
+        all-reduce of the ranks' parts, differentiable (each rank's backward reaches its own t)."""
+        return all_reduce_sum(t, self.group) if axis == 0 else t
 
     def amax(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """As ``Geometry.amax``; over the sources (``axis=0``) an all-reduce MAX."""
@@ -236,9 +238,10 @@ class RowSharded(ShardedGeometry):
         return all_reduce(self.inner.max_cost(), dist.ReduceOp.MAX, self.group)
 
     def _range_bounds(self) -> torch.Tensor:
-        """An upper bound of max C - min C over every rank's rows (B,). A point cloud's costs are
-        >= 0, so the largest of the ranks' bounds is one; a cost matrix all-reduces (max, -min)."""
-        if isinstance(self.inner, PointCloud):
+        """An upper bound of max C - min C over every rank's rows (B,). A point cloud's named
+        costs are >= 0, so the largest of the ranks' bounds is one; a cost matrix and a callable
+        cost (of any sign) all-reduce their exact (max, -min), as one process computes them."""
+        if isinstance(self.inner, PointCloud) and not callable(self.inner.cost):
             return all_reduce(self.inner._range_bounds(), dist.ReduceOp.MAX, self.group)
         ends = torch_blocked.map_rows(self.inner, _row_ends).amax(dim=1)
         ends = all_reduce(ends, dist.ReduceOp.MAX, self.group)

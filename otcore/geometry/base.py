@@ -50,6 +50,8 @@ class Geometry(ABC):
     #: geometry's ``softmin``, ``kernel_apply`` and ``total`` reduce across processes, so a solver
     #: must reduce over points only through them (no local matrix product over a sharded axis).
     sharded: bool = False
+    #: False when this process holds no whole row of C (its columns are sharded too): no ``materialize``.
+    holds_rows: bool = True
 
     # ----------------------------------------------------------------- subclass interface
     @property
@@ -99,7 +101,13 @@ class Geometry(ABC):
     def total(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """Sum of a per-point quantity over the points of one side: ``axis=0`` the n sources,
         t (B, n); ``axis=1`` the m targets, t (B, m). Returns (B,)."""
-        return t.sum(-1)
+        return self.sum_partials(t.sum(-1), axis)
+
+    def sum_partials(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """``t`` (any shape): this process's part of a sum over the points of one side (``axis`` as
+        in ``total``, e.g. P^T y over this process's rows), summed over the processes that share
+        that side; ``t`` itself unless it is sharded. Differentiable."""
+        return t
 
     def self_transport(self) -> tuple[Geometry, Geometry] | None:
         """The geometries of each measure with itself, (x <-> x, y <-> y), for debiasing (the

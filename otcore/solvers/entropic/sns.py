@@ -32,7 +32,7 @@ from otcore._validation import check_max_iter, check_positive, check_tol
 from otcore.core.implicit import FixedPoint, default_rtol, implicit_potentials, needs_implicit
 from otcore.core.linalg import conjugate_gradient
 from otcore.core.loop import select
-from otcore.core.plan import DensePlan, EntropicPlan
+from otcore.core.plan import EntropicPlan
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.core.result import OTResult
 from otcore.solvers.entropic.dual import certified, default_tol, dual_value
@@ -48,7 +48,8 @@ class _DualState:
     """Potentials with the plan, its marginals, the dual value and gradient at them.
 
     ``hessian="sparse"`` materialises P (B, n, m) once per evaluation (dense costs, or points
-    with n x m memory); ``"dense"`` never does and multiplies by P through the geometry.
+    with n x m memory; on ``RowSharded`` this rank's rows, the column sums all-reduced through
+    ``Geometry.sum_partials``); ``"dense"`` never does and multiplies by P through the geometry.
     """
 
     def __init__(self, geom, C, a, b, f, g, eps):
@@ -56,10 +57,10 @@ class _DualState:
         plan = EntropicPlan(geom, a, b, f, g, eps)
         if C is not None:
             self.P = plan.dense(cost=C)
-            plan = DensePlan(geom, a, b, self.P, C)
+            self.r, self.c = self.P.sum(-1), geom.sum_partials(self.P.sum(-2), 0)
         else:
             self.P = None
-        self.r, self.c = plan.marginals()
+            self.r, self.c = plan.marginals()
         mass, mass_a, mass_b = geom.total(self.r, 0), geom.total(a, 0), geom.total(b, 1)
         self.value = geom.total(a * f, 0) + geom.total(b * g, 1) - eps * (mass - mass_a * mass_b)
         self.grad = torch.cat([a - self.r, b - self.c], dim=-1)
@@ -86,8 +87,11 @@ def newton_direction(state, geom, a, b, eps, shift, drop, *, rtol, max_iter):
 
         def matmul(v, transpose):  # v (B, k)
             if kept.device.type != "cpu":
-                return torch.matmul(kept.mT if transpose else kept, v.unsqueeze(-1)).squeeze(-1)
-            return torch.stack([blk @ vk for blk, vk in zip(cols if transpose else rows, v)])
+                out = torch.matmul(kept.mT if transpose else kept, v.unsqueeze(-1)).squeeze(-1)
+            else:
+                out = torch.stack([blk @ vk for blk, vk in zip(cols if transpose else rows, v)])
+            # P^T y sums over the rows: this rank's part of it, on a geometry sharded by rows
+            return geom.sum_partials(out, 0) if transpose else out
     else:
         plan = EntropicPlan(geom, a, b, state.f, state.g, eps)
 
@@ -145,9 +149,13 @@ def sns(
             ``"sparse"`` (materialise P each step, drop small entries, conjugate gradient),
             ``"dense"`` (Hessian-free CG: every product is a pass over the geometry, O(n + m)
             memory; suits GPUs and point clouds) or ``"auto"`` (``"direct"`` when
-            n m min(n, m) <= ``DIRECT_MAX``, else ``"sparse"``; ``"dense"`` on a geometry sharded
-            across processes, ``otcore.distributed``, where no rank holds the plan: its products
-            and CG's dot products are then reductions across the ranks).
+            n m min(n, m) <= ``DIRECT_MAX``, else ``"sparse"``). On a geometry sharded across
+            processes (``otcore.distributed``) CG's dot products are reductions across the ranks;
+            ``"sparse"`` runs on ``RowSharded`` (each rank materialises its rows of P, (n_local, m),
+            drops entries below the same global threshold, and all-reduces P^T y), ``"dense"``
+            on both sharded geometries (its products are ring or all-reduce passes), and
+            ``"direct"`` on neither; ``"auto"`` takes ``"sparse"`` where one process on the
+            whole problem (every rank's n and m) would, else ``"dense"``.
         grad: ``"implicit"`` or ``"envelope"`` as in ``sinkhorn`` (the fixed point is the same;
             ``"unroll"`` is not offered: CG and sparsification are not differentiated).
         cg_rtol: inner conjugate-gradient setting of the Newton steps: the smallest relative
@@ -171,16 +179,18 @@ def sns(
     sinkhorn_iter = check_max_iter("sinkhorn_iter", sinkhorn_iter, minimum=0)
     problem = prepare_problem(cost, a, b, balanced=True, validate=validate, sharded=True)
     geom, a, b = problem.geom, problem.a, problem.b
-    if geom.sharded and hessian in ("direct", "sparse"):
-        raise ValueError(f"hessian={hessian!r} materialises the plan, which a geometry sharded across processes "
-                         "holds on no rank: use hessian='dense' (or 'auto')")
+    if geom.sharded and hessian == "direct":
+        raise ValueError("hessian='direct' factors the whole Hessian, which no rank of a geometry sharded across "
+                         "processes holds: use hessian='sparse' (RowSharded), 'dense' or 'auto'")
+    if hessian == "sparse" and not geom.holds_rows:
+        raise ValueError("hessian='sparse' materialises this rank's rows of the plan against every column, which a "
+                         "geometry sharded by columns too (BothSharded) does not hold: use hessian='dense' (or 'auto')")
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
     cg_rtol = default_rtol(geom.dtype) if cg_rtol is None else check_positive("cg_rtol", cg_rtol)
-    _, n, m = geom.shape
 
     with torch.no_grad():
         if hessian == "auto":
-            hessian = "dense" if geom.sharded else "direct" if n * m * min(n, m) <= DIRECT_MAX else "sparse"
+            hessian = _auto_hessian(geom, a, b)
         warm_iter = max(1, min(sinkhorn_iter, max_iter))
         if hessian == "direct":  # its own warm-up: the same Sinkhorn iterations on the materialised cost
             f, g, error, n_sinkhorn, n_newton = direct_newton(geom.materialize().detach(), a, b, eps, tol=tol,
@@ -220,6 +230,19 @@ def sns(
         info["error_float64"] = error64
     return problem.result(f=f, g=g, value=value, n_iter=n_sinkhorn + n_newton, converged=converged,
                           operator=EntropicPlan(geom, a, b, f, g, eps), eps=eps, info=info)
+
+
+def _auto_hessian(geom, a, b) -> str:
+    """``hessian="auto"``: one process's choice by the whole problem's sizes (every rank's n and m
+    on a sharded geometry, each count one all-reduce), or ``"dense"`` where no rank holds what
+    that choice needs (the Hessian for ``"direct"``, whole rows of P for ``"sparse"``)."""
+    _, n, m = geom.shape
+    if geom.sharded:
+        n, m = (int(geom.total(torch.ones_like(w[:1], dtype=torch.int64), axis)) for axis, w in ((0, a), (1, b)))
+    choice = "direct" if n * m * min(n, m) <= DIRECT_MAX else "sparse"
+    if geom.sharded and (choice == "direct" or not geom.holds_rows):
+        return "dense"
+    return choice
 
 
 def _iterative_newton(geom, a, b, f, g, eps, *, tol, max_iter, sparse, cg_rtol, cg_max_iter):
