@@ -1,12 +1,15 @@
 """Entropic OT: otcore.sinkhorn vs POT (log / kernel domain, NumPy / torch), GeomLoss, FlashSinkhorn.
 
 ``SinkhornDense``: a dense cost solved to a marginal tolerance (time, iterations, marginal error,
-error of <P, C> against a float64 reference). ``SinkhornIteration``: a fixed number of
+error of <P, C> against a float64 reference). ``SinkhornSmall``: histograms of at most 256 bins
+to 1e-9. ``SinkhornIteration``: a fixed number of
 iterations, for time per iteration at larger n. ``SinkhornCloud``: points, otcore's PointCloud vs
 peers that build the cost matrix (or stream it), time and peak memory.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -61,10 +64,39 @@ class SinkhornDense(peers.PeerCase):
     track_cost_error.unit = "relative"
 
 
+class SinkhornSmall(peers.PeerCase):
+    """Small histograms (n bins, weighted, squared-Euclidean costs between 2-D points) solved to
+    a marginal tolerance of 1e-9 in float64: where per-iteration overhead, not the products,
+    decides (otcore against POT's ``sinkhorn_log``, each stopping by its own criterion)."""
+
+    params = (["otcore", "pot_log"], problems.by_profile([64, 256], [64, 150, 256]),
+              problems.by_profile([1e-2], [1e-2, 1e-3]))
+    param_names = ("impl", "n", "eps")
+    timeout = 600
+
+    task = "sinkhorn"
+
+    def setup(self, impl, n, eps):
+        inputs, scale = dense_inputs(n, "float64", torch.device("cpu"))
+        self.prepare_case(impl, torch.device("cpu"), inputs, eps=eps * scale, tol=1e-9, max_iter=50_000)
+        self.run()  # warm-up
+
+    def time_solve(self, *params):
+        self.run()
+
+    def track_iterations(self, *params):
+        return self.peer.summarize(self.run()).n_iter
+
+    track_iterations.unit = "iterations"
+
+
 class SinkhornIteration(peers.PeerCase):
-    """Time of ITERS iterations (no early stop): per-iteration cost at larger n."""
+    """Time of ITERS iterations (no early stop), and the time of one more iteration (the slope
+    between ITERS and ITERS + SLOPE_ITERS iterations, setup excluded): per-iteration cost at
+    larger n."""
 
     ITERS = 5
+    SLOPE_ITERS = 50
     params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], problems.by_profile([500, 2000], [500, 2000, 5000]),
               ["float64", "float32"], problems.by_profile([1e-2], [1e-2, 1e-3]), problems.DEVICES)
     param_names = ("impl", "n", "dtype", "eps", "device")
@@ -82,6 +114,26 @@ class SinkhornIteration(peers.PeerCase):
 
     def time_iterations(self, *params):
         self.run()
+
+    def track_seconds_per_iteration(self, *params):
+        """(best time of ITERS + SLOPE_ITERS iterations - best time of ITERS) / SLOPE_ITERS, best of 3."""
+        times = {}
+        for iters in (self.ITERS, self.ITERS + self.SLOPE_ITERS):
+            options = {**self.options, "max_iter": iters}
+            times[iters] = min(_timed(lambda o=options: self.peer.run(self.task, self.inputs, **o), self.device)
+                               for _ in range(3))
+        return (times[self.ITERS + self.SLOPE_ITERS] - times[self.ITERS]) / self.SLOPE_ITERS
+
+    track_seconds_per_iteration.unit = "seconds"
+
+
+def _timed(run, device: torch.device) -> float:
+    """Seconds of one call of ``run`` (CUDA synchronised)."""
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 class _CloudCase(peers.PeerCase):

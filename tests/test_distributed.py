@@ -13,7 +13,7 @@ import otcore.distributed
 from otcore.geometry import CostMatrix, PointCloud
 
 EPS = 0.5
-SOLVE = {"eps": EPS, "tol": 1e-12, "max_iter": 5000}
+SOLVE = {"eps": EPS, "tol": 1e-12, "max_iter": 5000, "domain": "log"}  # shards iterate in the log domain
 TIMEOUT_S = 90  # a hung collective fails the test after this long
 GRAD_MODES = ("implicit", "unroll", "envelope")
 
@@ -58,7 +58,7 @@ def _worker(rank, world, sizes, p, path):
                                                **SOLVE).value
     errors = []
     try:
-        otcore.sinkhorn(geom, p["a"][rows], p["b"], domain="scaling", **SOLVE)
+        otcore.sinkhorn(geom, p["a"][rows], p["b"], **{**SOLVE, "domain": "scaling"})
     except ValueError as e:
         errors.append(str(e))
     for bad in ({"y": p["y"][: 5 + rank]}, {"dtype": torch.float32 if rank == 0 else torch.float64}):
@@ -86,13 +86,13 @@ def test_row_sharded_sinkhorn_matches_one_process(sizes, tmp_path):
     close = {"rtol": 0, "atol": 1e-10}
     f = torch.cat([r["f"] for r in ranks])
     gauge = (whole["g"] - ranks[0]["g"]).mean()
-    torch.testing.assert_close(f, whole["f"] - gauge, **close)
+    torch.testing.assert_close(f, whole["f"] + gauge, **close)
     for rank, r in enumerate(ranks):
         rows = shard_slice(sizes, rank)
         # global on every rank: value, plan statistics and plan products over the rows
         for key in ("value", "transport_cost", "marginal_error", "apply_T", "cost_matrix_value"):
             torch.testing.assert_close(r[key], whole[key if key != "cost_matrix_value" else "value"], **close)
-        torch.testing.assert_close(r["g"], whole["g"] + gauge, **close)
+        torch.testing.assert_close(r["g"], whole["g"] - gauge, **close)
         assert int(r["n_iter"]) == int(ranks[0]["n_iter"])  # every rank stopped at the same iteration
         for key in [f"grad_value_{mode}" for mode in GRAD_MODES] + ["grad_potentials"]:
             # x and a: this rank's slice; y and b: the whole gradient on every rank
@@ -119,3 +119,49 @@ def test_row_sharded_needs_an_initialised_group():
         otcore.distributed.RowSharded(torch.randn(3, 4))
     with pytest.raises(ValueError, match="not initialised"):
         otcore.distributed.shard(torch.randn(3, 2))
+
+
+SIGNED_SIZES = [3, 6, 4]
+
+
+def _signed_cost(x, y):
+    """-<x, y>, a callable cost of either sign: (B, r, d), (B, L, d) -> (B, r, L)."""
+    return -(x @ y.mT)
+
+
+def _signed_problem():
+    """Each rank's sources about a centre of its own on the line through (1, 1), the targets about
+    (1, 1): every rank's costs span less than the whole problem's range, whose ends lie on
+    different ranks (the first rank's costs > 0, the last's < 0)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(k, 2, generator=g, dtype=torch.float64) * 0.2 + 2.0 * (r - 1)
+                   for r, k in enumerate(SIGNED_SIZES)])
+    y = torch.randn(8, 2, generator=g, dtype=torch.float64) * 0.2 + 1.0
+    return {"x": x, "y": y}
+
+
+def _signed_worker(rank, world, p, eps, path):
+    rows = shard_slice(SIGNED_SIZES, rank)
+    geom = otcore.distributed.RowSharded(PointCloud(p["x"][rows], p["y"], cost=_signed_cost))
+    out = {"cost_range": geom.cost_range(), "value": otcore.sinkhorn(geom, **{**SOLVE, "eps": eps}).value}
+    torch.save(out, os.path.join(path, f"rank{rank}.pt"))
+
+
+def test_row_sharded_cost_range_of_a_signed_callable_cost(tmp_path):
+    """``cost_range`` is max C - min C over every rank's rows, as one process computes it, where
+    each rank's own range is smaller; the solve at an eps between the two agrees with one process."""
+    p = _signed_problem()
+    whole = PointCloud(p["x"], p["y"], cost=_signed_cost)
+    C = _signed_cost(p["x"][None], p["y"][None])[0]
+    true_range = float(C.max() - C.min())
+    largest_local = max(float(C[shard_slice(SIGNED_SIZES, r)].max() - C[shard_slice(SIGNED_SIZES, r)].min())
+                        for r in range(len(SIGNED_SIZES)))
+    assert C.min() < 0 < C.max() and largest_local < 0.5 * true_range  # a per-rank range would be wrong
+    eps = 0.75 * true_range  # above every rank's own range, below the whole one: the softmins' path differs
+    run_gloo(_signed_worker, len(SIGNED_SIZES), p, eps, str(tmp_path), timeout=TIMEOUT_S)
+    value = otcore.sinkhorn(whole, **{**SOLVE, "eps": eps}).value
+    assert whole.cost_range() == true_range
+    for rank in range(len(SIGNED_SIZES)):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["cost_range"] == true_range
+        torch.testing.assert_close(out["value"], value, rtol=0, atol=1e-10)

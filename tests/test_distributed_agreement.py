@@ -88,7 +88,7 @@ def test_ranks_agree_where_their_data_differ(tmp_path):
         value, f, g = r["uniform"]
         torch.testing.assert_close(value, uniform.value, **CLOSE)
         gauge = (uniform.g[cols] - g).mean()
-        torch.testing.assert_close(f, uniform.f[rows] - gauge, **CLOSE)
+        torch.testing.assert_close(f, uniform.f[rows] + gauge, **CLOSE)
         (error,) = r["errors"]
         assert "a has negative entries" in error if rank == 1 else "another process" in error
         assert not bool(r["nonfinite"])

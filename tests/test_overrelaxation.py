@@ -18,13 +18,13 @@ def test_omega_follows_youngs_formula_and_backs_off_when_the_error_climbs():
     relax = Overrelaxation()
     for k in range(overrelaxation.WINDOW):
         relax.observe(theta**k, theta, theta)
-    assert relax.omega is not None
+    assert relax.factor.omega is not None
     expected = [min(overrelaxation.CAP, 2 / (1 + math.sqrt(1 - t))) for t in (0.99, 0.5)] + [1.0]
-    torch.testing.assert_close(relax.omega.squeeze(-1), torch.tensor(expected, dtype=F64))
+    torch.testing.assert_close(relax.factor.omega.squeeze(-1), torch.tensor(expected, dtype=F64))
     best = theta ** (overrelaxation.WINDOW - 1)
     climb = best * torch.tensor([2 * overrelaxation.BLOWUP, 1.0, 1.0], dtype=F64)
     relax.observe(climb, theta, theta)  # the first problem climbs
-    torch.testing.assert_close(relax.omega.squeeze(-1), torch.tensor([1 + (expected[0] - 1) / 2, *expected[1:]],
+    torch.testing.assert_close(relax.factor.omega.squeeze(-1), torch.tensor([1 + (expected[0] - 1) / 2, *expected[1:]],
                                                                      dtype=F64))
 
 

@@ -12,6 +12,7 @@ from conftest import F64, clouds, simplex, sqdist
 
 import otcore
 from otcore.solvers.entropic import scaling
+from otcore.solvers.entropic.scaling_loop import MAX_INTERVAL
 
 
 @pytest.fixture
@@ -55,10 +56,14 @@ def test_scaling_and_log_domains_reach_the_same_potentials(gen, tau, batch, coun
     for domain in ("scaling", "auto"):
         res = otcore.sinkhorn(C, a, b, domain=domain, **kwargs)
         assert bool(res.converged.all()) and count_scaling_half_steps() >= 2 * int(res.n_iter.min())
-        torch.testing.assert_close(res.f, log.f, rtol=0, atol=1e-9)
-        torch.testing.assert_close(res.g, log.g, rtol=0, atol=1e-9)
+        # the same potentials up to the gauge (f + c, g - c): over-relaxed paths may end at different c
+        shift = (res.f - log.f).mean(-1, keepdim=True)
+        torch.testing.assert_close(res.f - shift, log.f, rtol=0, atol=1e-9)
+        torch.testing.assert_close(res.g + shift, log.g, rtol=0, atol=1e-9)
         torch.testing.assert_close(res.value, log.value, rtol=1e-12, atol=1e-12)
-        assert (res.n_iter - log.n_iter).abs().max() <= 1
+        # the scaling loop measures the error every k <= MAX_INTERVAL iterations: it stops at the first check
+        # at or after the iteration the log domain stopped at
+        assert bool((res.n_iter >= log.n_iter - 1).all() and (res.n_iter <= log.n_iter + MAX_INTERVAL).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

@@ -26,14 +26,20 @@ def _ot_eps_pot(x, y, a, b, eps):
 def iterations(monkeypatch):
     """The iterations each divergence solve ran, in call order."""
     runs = []
-    original = divergence.fixed_point_loop
+    loop, scaling_solves = divergence.fixed_point_loop, divergence._scaling_solves
 
     def recorded(*args, **kwargs):
-        outcome = original(*args, **kwargs)
+        outcome = loop(*args, **kwargs)
         runs.append(int(outcome.n_iter.max()))
         return outcome
 
+    def recorded_scaling(*args, **kwargs):  # the scaling iterations (CPU, dense enough)
+        outcome, finished = scaling_solves(*args, **kwargs)
+        runs.append(int(outcome.n_iter.max()))
+        return outcome, finished
+
     monkeypatch.setattr(divergence, "fixed_point_loop", recorded)
+    monkeypatch.setattr(divergence, "_scaling_solves", recorded_scaling)
     return runs
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from otcore._validation import check_max_iter, check_positive, check_ratio, check_rho, check_tol
-from otcore.core.loop import SinkhornProgress, fixed_point_loop, progress_callbacks, resolve_check_every
+from otcore.core.loop import LoopOutcome, SinkhornProgress, fixed_point_loop, progress_callbacks, resolve_check_every
 from otcore.core.problem import prepare_problem, warn_not_converged
 from otcore.geometry import CostMatrix, Geometry, PointCloud, as_geometry
 from otcore.solvers.entropic.dual import (
@@ -24,6 +24,7 @@ from otcore.solvers.entropic.dual import (
 )
 from otcore.solvers.entropic.overrelaxation import Overrelaxation
 from otcore.solvers.entropic.scaling import stabilised_kernel
+from otcore.solvers.entropic.scaling_loop import run_scaling_loop, run_symmetric_scaling_loop
 from otcore.solvers.entropic.sinkhorn import GRAD_MODES, refresh_zero_weight, sinkhorn_step
 
 
@@ -198,10 +199,19 @@ def divergence_and_potentials(
                              f"{[tuple(t.shape) for t in init]}")
         start = tuple(t.detach().to(s.dtype) for t, s in zip(init, start, strict=True))
     schedule = [] if init is not None else eps_schedule(geom, eps, eps_scaling)
+    loop = functools.partial(fixed_point_loop, step, eps=eps, tol=tol, check_every=checks, callbacks=callbacks,
+                             host_reads=validate, agree=geom.all_true if geom.sharded else None)
+    kernels = (term_x.kernel,) if identical else (cross_kernel, term_x.kernel, term_y.kernel)
     with torch.set_grad_enabled(unroll and torch.is_grad_enabled()):
-        outcome = fixed_point_loop(step, start, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule,
-                                   first_check=1 if identical else 2, check_every=checks, callbacks=callbacks,
-                                   host_reads=validate, agree=geom.all_true if geom.sharded else None)
+        if schedule or callbacks or not math.isinf(rho) or any(k is None for k in kernels):
+            outcome = loop(start, max_iter=max_iter, schedule=schedule, first_check=1 if identical else 2)
+        else:  # each problem in scaling iterations checked every k (``scaling_loop``)
+            outcome, finished = _scaling_solves(cross_kernel, term_x, term_y, wa, wb, start, max_iter=max_iter,
+                                                tol=tol, relaxation=relaxation)
+            if not finished:  # handed back: on with the per-half-step loop from where they are
+                if relaxation is not None:
+                    relaxation.observed = int(outcome.n_iter.max())
+                outcome = loop(outcome.state, max_iter=max(1, max_iter - int(outcome.n_iter.max())), first_check=1)
     if warn and (tol > 0 or validate):
         warn_not_converged("sinkhorn_divergence", converged=outcome.converged, max_iter=max_iter,
                            causes={"stopped on a non-finite iterate": outcome.failed})
@@ -222,6 +232,27 @@ def divergence_and_potentials(
         value = value.clamp(min=0)  # S >= 0 in exact arithmetic: see the docstring
     potentials = tuple(t.detach() for t in outcome.state)
     return (value if problem.batched else value.squeeze(0)).to(problem.out_dtype), potentials
+
+
+def _scaling_solves(cross_kernel, term_x, term_y, wa, wb, start, *, max_iter, tol, relaxation):
+    """The cross problem (``run_scaling_loop``) and the two self-transport ones
+    (``run_symmetric_scaling_loop``; only the one when the measures are the same, ``start`` =
+    (p,)), one after the other: (the outcome of all of them, as the combined loop's, finished)."""
+    if len(start) == 1:
+        return run_symmetric_scaling_loop(term_x.kernel, wa, start[0], max_iter=max_iter, tol=tol)
+    f, g, px, py = start
+    parts = [run_scaling_loop(cross_kernel, wa, wb, f, g, max_iter=max_iter, tol=tol,
+                              factor=None if relaxation is None else relaxation.factor),
+             run_symmetric_scaling_loop(term_x.kernel, wa, px, max_iter=max_iter, tol=tol),
+             run_symmetric_scaling_loop(term_y.kernel, wb, py, max_iter=max_iter, tol=tol)]
+    outcomes = [outcome for outcome, _ in parts]
+    state = (*outcomes[0].state, outcomes[1].state[0], outcomes[2].state[0])
+    combined = LoopOutcome(
+        state=state, n_iter=functools.reduce(torch.maximum, [o.n_iter for o in outcomes]),
+        converged=functools.reduce(torch.logical_and, [o.converged for o in outcomes]),
+        failed=functools.reduce(torch.logical_or, [o.failed for o in outcomes]),
+        error=functools.reduce(torch.maximum, [o.error for o in outcomes]))
+    return combined, all(finished for _, finished in parts)
 
 
 @dataclass(frozen=True)

@@ -44,46 +44,67 @@ BLOWUP = 100.0
 QUIET = 1e-2
 
 
+class RelaxationFactor:
+    """Young's omega for a batch of B problems, from the marginal errors observed at the target
+    eps: plain (None) until iteration ``WINDOW``, then per problem, backed off on a blow-up."""
+
+    def __init__(self, rounding: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 tol: float = 0.0):
+        """``rounding``: (f, g) -> (B,) rounding floor of the marginal error
+        (``dual.rounding_error``), compared with ``tol`` (0: no limit)."""
+        self.rounding, self.tol = rounding, tol
+        self.early: torch.Tensor | None = None  # (B,) error at WINDOW / 2
+        self.best: torch.Tensor | None = None  # (B,) smallest error since omega was set
+        self.omega: torch.Tensor | None = None  # (B, 1) once measured
+        self.measured = False
+
+    def observe(self, iteration: int, error: torch.Tensor,
+                potentials: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Record the (B,) error of the iterate reached after ``iteration - 1`` iterations at the
+        target eps (the errors at iterations ``WINDOW // 2`` and ``WINDOW`` set omega; later ones
+        back it off). ``potentials``: that iterate's (f, g), asked for once (the float32 guard)."""
+        error = error.detach()
+        with torch.no_grad():
+            if iteration == WINDOW // 2:
+                self.early = error.clone()
+            elif iteration == WINDOW and self.early is not None:
+                theta = torch.nan_to_num((error / self.early) ** (1.0 / (WINDOW - WINDOW // 2)), nan=0.0)
+                theta = torch.where(theta < 1, theta, 0.0)  # not contracting yet: stay plain
+                if self.rounding is not None and self.tol > 0:
+                    theta = torch.where(self.rounding(*potentials()) <= QUIET * self.tol, theta, 0.0)
+                self.omega = (2 / (1 + torch.sqrt(1 - theta))).clamp(max=CAP).unsqueeze(-1)
+                self.best, self.measured = error.clone(), True
+                if error.device.type == "cpu" and bool((self.omega == 1).all()):
+                    self.omega = None  # nothing to relax: plain updates, without the relaxation's operations
+            elif iteration > WINDOW and self.omega is not None and self.best is not None:
+                self.best = torch.minimum(self.best, error)
+                climbing = (error > BLOWUP * self.best).unsqueeze(-1)
+                self.omega = torch.where(climbing, 1 + (self.omega - 1) / 2, self.omega)
+
+
 class Overrelaxation:
-    """The relaxation of one solve's row updates (a batch of B problems)."""
+    """The relaxation of one solve's row updates in log potentials (a batch of B problems)."""
 
     def __init__(self, positive: torch.Tensor | None = None,
                  rounding: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, tol: float = 0.0):
         """``positive``: (B, n) mask of the rows of positive weight, when some are 0; the rows of
         zero weight, which no other point sees, then take the plain update (their exact
-        c-transform, as the solvers return them). ``rounding``: (f, g) -> (B,) rounding floor
-        of the marginal error (``dual.rounding_error``), compared with ``tol`` (0: no limit)."""
-        self.positive, self.rounding, self.tol = positive, rounding, tol
+        c-transform, as the solvers return them). ``rounding``, ``tol``: as in
+        ``RelaxationFactor``."""
+        self.positive = positive
+        self.factor = RelaxationFactor(rounding, tol)
         self.observed = 0
-        self.early: torch.Tensor | None = None  # (B,) error at WINDOW / 2
-        self.best: torch.Tensor | None = None  # (B,) smallest error since omega was set
-        self.omega: torch.Tensor | None = None  # (B, 1) once measured
 
     def relax(self, f: torch.Tensor, f_new: torch.Tensor) -> torch.Tensor:
         """The next row potential (B, n): ``f_new`` (a plain update) until omega is set."""
-        if self.omega is None:
+        omega = self.factor.omega
+        if omega is None:
             return f_new
-        relaxed = torch.addcmul(f, self.omega, f_new - f)
+        relaxed = torch.addcmul(f, omega, f_new - f)
         return relaxed if self.positive is None else torch.where(self.positive, relaxed, f_new)
 
     def observe(self, error: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> None:
         """Record the (B,) marginal error of the iterate (f, g) at the target eps (one per
         iteration)."""
         self.observed += 1
-        error = error.detach()
-        with torch.no_grad():
-            if self.observed == WINDOW // 2:
-                self.early = error.clone()
-            elif self.observed == WINDOW and self.early is not None:
-                theta = torch.nan_to_num((error / self.early) ** (1.0 / (WINDOW - WINDOW // 2)), nan=0.0)
-                theta = torch.where(theta < 1, theta, 0.0)  # not contracting yet: stay plain
-                if self.rounding is not None and self.tol > 0:
-                    theta = torch.where(self.rounding(f, g) <= QUIET * self.tol, theta, 0.0)
-                self.omega = (2 / (1 + torch.sqrt(1 - theta))).clamp(max=CAP).unsqueeze(-1)
-                self.best = error.clone()
-                if error.device.type == "cpu" and bool((self.omega == 1).all()):
-                    self.omega = None  # nothing to relax: plain updates, without the relaxation's operations
-            elif self.omega is not None and self.best is not None:
-                self.best = torch.minimum(self.best, error)
-                climbing = (error > BLOWUP * self.best).unsqueeze(-1)
-                self.omega = torch.where(climbing, 1 + (self.omega - 1) / 2, self.omega)
+        self.factor.observe(self.observed, error, lambda: (f, g))

@@ -146,7 +146,7 @@ class StabilisedKernel:
             exponent = (h - (g0 if axis == 1 else f0)).div_(self.eps)
             low, high = torch.aminmax(exponent)
         if kernel is None or f0 is None or g0 is None or max(-float(low), float(high)) > self.threshold:
-            kernel, f0, g0 = self._rebuild(f, g)
+            kernel, f0, g0 = self.rebuild(f, g)
             scaled = weights
         else:
             scaled = exponent.exp_().mul_(weights)
@@ -162,15 +162,19 @@ class StabilisedKernel:
         self.kernel = None  # rebuilt at the next half-step, from an iterate the log domain made
         return self.geom.softmin(h, self.eps, weights, axis=axis)
 
-    def _retire(self) -> bool:
-        """Whether the solve is (now) back in the log domain: it rebuilt the kernel so often
-        that log-domain iterations would cost no more."""
+    def absorbing_too_often(self) -> bool:
+        """Whether the solve rebuilt the kernel so often that log-domain iterations would cost
+        no more (more than ``_REBUILDS_PER_ITER`` per iteration, after ``_PATIENCE``)."""
         iterations = self.half_steps / 2
-        if not self.retired and iterations >= _PATIENCE and self.rebuilds > _REBUILDS_PER_ITER * iterations:
+        return iterations >= _PATIENCE and self.rebuilds > _REBUILDS_PER_ITER * iterations
+
+    def _retire(self) -> bool:
+        """Whether the solve is (now) back in the log domain (``absorbing_too_often``)."""
+        if not self.retired and self.absorbing_too_often():
             self.retired, self.kernel = True, None
         return self.retired
 
-    def _rebuild(self, f: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rebuild(self, f: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K~ at (f0, g0) = (f, g); returns (K~, f0, g0)."""
         self.rebuilds += 1
         self.kernel = None  # free the old kernel before the new one is built

@@ -50,6 +50,7 @@ from otcore.solvers.entropic.dual import (
 )
 from otcore.solvers.entropic.overrelaxation import Overrelaxation
 from otcore.solvers.entropic.scaling import DOMAINS, StabilisedKernel, stabilised_kernel
+from otcore.solvers.entropic.scaling_loop import run_scaling_loop
 
 GRAD_MODES = ("implicit", "unroll", "envelope")
 
@@ -256,10 +257,31 @@ def run_sinkhorn(
                                             relax=relaxation if e == eps else None)
         return (f_new, g_new), error, (refresh_zero_weight(positive, f, f_new) if zero_weight else f, g)
 
-    # the first iteration's error is that of the initial (f, g), which is not a Sinkhorn iterate
-    return fixed_point_loop(step, start, eps=eps, max_iter=max_iter, tol=tol, schedule=schedule, first_check=2,
-                            check_every=check_every, callbacks=callbacks, host_reads=geom.validate,
-                            agree=geom.all_true if geom.sharded else None)
+    loop = functools.partial(fixed_point_loop, step, eps=eps, check_every=check_every, callbacks=callbacks,
+                             host_reads=geom.validate, agree=geom.all_true if geom.sharded else None)
+    if kernel is None or not balanced or callbacks:
+        # the first iteration's error is that of the initial (f, g), which is not a Sinkhorn iterate
+        return loop(start, max_iter=max_iter, tol=tol, schedule=schedule, first_check=2)
+    # scaling iterations checked every k iterations, after any annealing (log domain)
+    annealed = None
+    if schedule:
+        # (its one iteration at eps measures nothing: max_iter ending here leaves it not converged)
+        annealed = loop(start, max_iter=min(max_iter, len(schedule) + 1), tol=tol, schedule=schedule, first_check=2)
+        start = (annealed.state[0], annealed.state[1])
+    remaining = max_iter - (len(schedule) + 1 if schedule else 0)
+    if remaining <= 0 and annealed is not None:
+        return annealed
+    outcome, finished = run_scaling_loop(kernel, a, b, *start, max_iter=remaining, tol=tol,
+                                         factor=None if relaxation is None else relaxation.factor)
+    if not finished:  # handed back: on with per-half-step iterations from its last checked iterate
+        if relaxation is not None:
+            relaxation.observed = int(outcome.n_iter.max())
+        more = loop(outcome.state, max_iter=max(1, remaining - int(outcome.n_iter.max())), tol=tol, first_check=1)
+        outcome = dataclasses.replace(more, n_iter=outcome.n_iter + more.n_iter)
+    if annealed is not None:
+        outcome = dataclasses.replace(outcome, n_iter=outcome.n_iter + annealed.n_iter,
+                                      failed=outcome.failed | annealed.failed)
+    return outcome
 
 
 def sinkhorn_step(
