@@ -66,7 +66,10 @@ def sinkhorn_divergence(
     their mass (not normalised), as in ``sinkhorn``.
     The cross potentials advance by alternating Sinkhorn updates and the two self-transport
     potentials by averaged symmetric updates (which converge where alternating ones oscillate),
-    all in one loop; a self term stops being updated once it has converged.
+    all in one loop; a self term stops being updated once it has converged. Where the scaling
+    domain runs (``sinkhorn``'s ``domain="auto"``: CPU, kernels within budget, balanced, no
+    ``callback``, no annealing, not ``"unroll"``), the three problems run one after the other in
+    ``scaling_loop``'s iterations instead, each checked on its own schedule.
 
     Three ways to give the measures:
 

@@ -124,9 +124,11 @@ def sinkhorn(
         eps_scaling: if set (a ratio in (0, 1)), anneal eps_t = max(eps, max|C| * ratio^t) before
             iterating at ``eps``; convergence is only checked at the target eps. Reads max|C| on
             the host once.
-        check_every: iterations between host synchronisations (loop exit, callback); default 1 on
-            CPU, 10 on GPU. Convergence itself is tracked every iteration on the device, so results
-            do not depend on this value.
+        check_every: iterations between host synchronisations (loop exit, callback) of the log
+            domain; default 1 on CPU, 10 on GPU. Convergence itself is tracked every iteration on
+            the device, so results do not depend on this value. (Balanced scaling-domain solves
+            without a callback check each problem on their own adaptive schedule instead: see
+            ``domain``.)
         callback: called with a ``SinkhornProgress`` at every check.
         verbose: print progress every 100 iterations (as well as calling ``callback``).
         warn: emit one ``ConvergenceWarning`` if a problem did not converge.
@@ -141,13 +143,20 @@ def sinkhorn(
             ``"scaling"``: products with a stabilised kernel exp((f0 + g0 - C)/eps), rebuilt
             at the iterate whenever the scalings exp((f - f0)/eps) leave a safe range
             (absorption, Schmitzer 2019): matrix-vector speed with no overflow at any eps; it
-            holds a (B, n, m) kernel and reads the host once per half-step. ``"auto"``
+            holds a (B, n, m) kernel. Balanced problems without a ``callback`` run
+            ``scaling_loop``: two products and two divisions per iteration, the marginal error
+            measured on each problem's own schedule (every k <= 16 iterations, k adapted to its
+            contraction), so a problem stops at the first such check at or after the iteration
+            at which its error reached tol (a few iterations later, and closer to the optimum,
+            than the log domain; the same whether it is solved alone or in a batch). Others
+            read the host once per half-step. ``"auto"``
             (default): scaling on the CPU where it is safe and worthwhile (no ``"unroll"``,
             float32 or float64, eps below the costs' range, a kernel within
             ``otcore.solvers.entropic.scaling.DENSE_BUDGET_BYTES``, 256 MiB by default), the
             log domain otherwise, and from the iteration on where absorptions come more often
             than every other iteration (eps small against the costs). Annealing iterations
-            (``eps_scaling``) run in the log domain. Results agree to rounding.
+            (``eps_scaling``) run in the log domain. Results agree within tol (potentials up
+            to the gauge f + c, g - c of balanced problems).
 
         relative_eps: None (default), ``"mean"`` or ``"max"``: ``eps`` is then a fraction of the
             mean cost (OTT-JAX's ``relative_epsilon="mean"``) or of max |C|, averaged over a
