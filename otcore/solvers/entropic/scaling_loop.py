@@ -194,7 +194,7 @@ def _drive(problem, start: tuple[torch.Tensor, ...], *, max_iter: int, tol: floa
     converged, failed = torch.zeros_like(active), torch.zeros_like(active)
     n_iter = torch.zeros(B, dtype=torch.int64, device=device)
     error = torch.full((B,), math.inf, dtype=ref.dtype, device=device)
-    schedule = _Schedule(B, device, ref.dtype, first_check, marks=(WINDOW // 2, WINDOW) if factor else ())
+    schedule = _Schedule(B, first_check, marks=(WINDOW // 2, WINDOW) if factor else ())
     at, built, careful, safe = 0, 0, False, 1  # checked iteration, K~'s, rolling back, iterations safe ahead
 
     def outcome() -> LoopOutcome:
@@ -244,42 +244,53 @@ def _drive(problem, start: tuple[torch.Tensor, ...], *, max_iter: int, tol: floa
 
 
 class _Schedule:
-    """Per problem, the iterations at which its error is measured (see the module docstring)."""
+    """Per problem, the iterations at which its error is measured (see the module docstring).
 
-    def __init__(self, B: int, device: torch.device, dtype: torch.dtype, first: int, marks: tuple[int, ...]):
-        self.next = torch.full((B,), first, dtype=torch.int64, device=device)
-        self.interval = torch.ones(B, dtype=torch.int64, device=device)
-        self.last_error = torch.full((B,), math.inf, dtype=dtype, device=device)
-        self.last_check = torch.zeros(B, dtype=torch.int64, device=device)
+    Kept on the host (NumPy, float64): a check reads the errors there anyway, and a handful of
+    NumPy operations on B numbers costs less than the tensor operations would."""
+
+    def __init__(self, B: int, first: int, marks: tuple[int, ...]):
+        self.next = np.full(B, first, dtype=np.int64)
+        self.interval = np.ones(B, dtype=np.int64)
+        self.last_error = np.full(B, math.inf)
+        self.last_check = np.zeros(B, dtype=np.int64)
         self.marks = marks  # iterations at which every problem is measured
         self.first = first  # the first iteration whose error means something
 
     def next_due(self, it: int, active: torch.Tensor) -> int:
         """The next iteration after ``it`` at which some active problem is measured."""
-        soonest = int(torch.where(active, self.next, torch.iinfo(torch.int64).max).amin())
+        running = _host(active)
+        soonest = int(self.next[running].min()) if running.any() else it + 1
         return min([soonest, *(mark for mark in self.marks if mark > it)])
 
     def due(self, it: int, active: torch.Tensor, max_iter: int) -> torch.Tensor:
         """(B,) the active problems measured at iteration ``it`` (all at a mark and at the last)."""
         if (it in self.marks or it == max_iter) and it >= self.first:
             return active
-        return active & (self.next == it)
+        return active & torch.from_numpy(self.next == it).to(active.device)
 
     def measured(self, it: int, measured: torch.Tensor, error: torch.Tensor, tol: float) -> None:
         """Plan the next checks of the problems just ``measured`` (and still running): double the
         interval (up to ``MAX_INTERVAL``), but no further than the predicted convergence, from
         the contraction (error / last error)^(1 / iterations between them)."""
-        longest = (2 * self.interval).clamp(max=MAX_INTERVAL)
-        interval = longest
+        chosen, err = _host(measured), _host(error).astype(np.float64)
+        interval = np.minimum(2 * self.interval, MAX_INTERVAL)
         if tol > 0:
-            theta = (error / self.last_error) ** (1.0 / (it - self.last_check).clamp(min=1))
-            remaining = torch.log(tol / error) / torch.log(theta)
-            predicted = torch.where((theta < 1) & (error > tol), remaining, math.inf)
-            interval = torch.minimum(longest, predicted.nan_to_num(posinf=MAX_INTERVAL).ceil().clamp(min=1).long())
-        self.interval = torch.where(measured, interval, self.interval)
-        self.next = torch.where(measured, it + self.interval, self.next)
-        self.last_error = torch.where(measured, error, self.last_error)
-        self.last_check = torch.where(measured, it, self.last_check)
+            with np.errstate(all="ignore"):
+                theta = (err / self.last_error) ** (1.0 / np.maximum(it - self.last_check, 1))
+                remaining = np.log(tol / err) / np.log(theta)
+            predicted = np.where((theta < 1) & (err > tol), remaining, np.inf)
+            predicted = np.nan_to_num(predicted, nan=MAX_INTERVAL, posinf=MAX_INTERVAL)
+            interval = np.minimum(interval, np.maximum(np.ceil(predicted), 1).astype(np.int64))
+        self.interval = np.where(chosen, interval, self.interval)
+        self.next = np.where(chosen, it + self.interval, self.next)
+        self.last_error = np.where(chosen, err, self.last_error)
+        self.last_check = np.where(chosen, it, self.last_check)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A (B,) tensor's values on the host."""
+    return t.detach().cpu().numpy()
 
 
 def _relaxed(xp, s_prev, s, omega, positive):
