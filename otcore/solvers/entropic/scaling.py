@@ -174,12 +174,20 @@ class StabilisedKernel:
             self.retired, self.kernel = True, None
         return self.retired
 
-    def rebuild(self, f: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """K~ at (f0, g0) = (f, g); returns (K~, f0, g0)."""
+    def rebuild(self, f: torch.Tensor | None, g: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K~ at (f0, g0) = (f, g); returns (K~, f0, g0).
+
+        (None, None): at the hard c-transforms of g = 0, f0_i = min_j C_ij and
+        g0_j = min_i (C_ij - f0_i), a start with f0 + g0 <= C whose every row and column of K~
+        holds a 1 (no row or column underflows, whatever eps), for a warm start gone wrong.
+        """
         self.rebuilds += 1
         self.kernel = None  # free the old kernel before the new one is built
-        self.f0, self.g0 = f.clone(), g.clone()
         with torch.no_grad():
             C = self.geom.materialize()
+            if f is None or g is None:
+                f = C.amin(-1)
+                g = (C - f.unsqueeze(-1)).amin(-2)
+        self.f0, self.g0 = f.clone(), g.clone()
         self.kernel = torch.add(f.unsqueeze(-1), g.unsqueeze(-2)).sub_(C).div_(self.eps).exp_()
         return self.kernel, self.f0, self.g0

@@ -22,7 +22,8 @@ r <- sqrt(r K~ (w / r)) the same way (Feydy et al. 2019, Sec. 3.1). The rest hap
   they do not get far past that range in between;
 * safety: a check that finds a sum that is not finite, or so small that it may rest on subnormal
   kernel entries, rolls back to the previous check and repeats from there one iteration per
-  check; a failure there too, or absorptions on more than every other iteration (eps small
+  check (a cross problem whose given start fails so restarts from its hard c-transforms, once);
+  a failure there too, or absorptions on more than every other iteration (eps small
   against the costs), hands the solve back to the caller (``finished`` False), which continues
   on the per-half-step path of ``scaling`` with its log-domain fallbacks.
 
@@ -61,14 +62,26 @@ class _Cross:
 
     def __init__(self, kernel: StabilisedKernel, a, b, f, g, factor: RelaxationFactor | None):
         self.kernel, self.a, self.b, self.factor = kernel, a, b, factor
+        self.cold = False  # whether it ever started at the hard c-transforms
         self.positive = a > 0
         self.zero_weight = not bool(self.positive.all())
         self.absorb(f, g)
 
-    def absorb(self, f: torch.Tensor, g: torch.Tensor) -> None:
-        """Rebuild K~ at (f, g): the checked iterate becomes s = t = 1."""
+    def absorb(self, f: torch.Tensor | None, g: torch.Tensor | None) -> None:
+        """Rebuild K~ at (f, g) (None: ``StabilisedKernel.rebuild``'s hard c-transforms): the
+        checked iterate becomes s = t = 1."""
         self.K, self.f0, self.g0 = self.kernel.rebuild(f, g)
         self.s, self.t = torch.ones_like(self.a), torch.ones_like(self.b)
+        self.cold = self.cold or f is None
+
+    def restart_cold(self) -> bool:
+        """Start again at the hard c-transforms (``absorb(None, None)``), once; False if done.
+        (The gauge (f + c, g - c) the solve ends at then depends on the batch: every problem of
+        it restarts.)"""
+        if self.cold:
+            return False
+        self.absorb(None, None)
+        return True
 
     def run(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` iterations from the checked iterate: (error (B,) of the iterate one
@@ -116,6 +129,10 @@ class _Symmetric:
         self.positive = w > 0
         self.zero_weight = not bool(self.positive.all())
         self.absorb(p)
+
+    def restart_cold(self) -> bool:
+        """No other start to try (see ``_Cross.restart_cold``)."""
+        return False
 
     def absorb(self, p: torch.Tensor) -> None:
         self.K, self.p0, _ = self.kernel.rebuild(p, p)
@@ -209,6 +226,8 @@ def _drive(problem, start: tuple[torch.Tensor, ...], *, max_iter: int, tol: floa
         with torch.no_grad():
             worst_log, smallest = torch.stack((sums.log().abs().amax(), sums.amin())).tolist()
         if not math.isfinite(worst_log) or smallest < kernel.full_precision:
+            if careful and at == 0 and problem.restart_cold():  # a warm start too far off: from scratch
+                continue
             if careful:  # one iteration from a checked iterate fails too: the log domain's turn
                 return outcome(), False
             careful, safe = True, 1  # repeat the stretch one iteration per check
