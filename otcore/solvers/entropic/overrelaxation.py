@@ -59,10 +59,12 @@ class RelaxationFactor:
         self.measured = False
 
     def observe(self, iteration: int, error: torch.Tensor,
-                potentials: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
+                potentials: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, guarded: bool = True) -> None:
         """Record the (B,) error of the iterate reached after ``iteration - 1`` iterations at the
         target eps (the errors at iterations ``WINDOW // 2`` and ``WINDOW`` set omega; later ones
-        back it off). ``potentials``: that iterate's (f, g), asked for once (the float32 guard)."""
+        back it off). ``potentials``: that iterate's (f, g), asked for once (the float32 guard).
+        ``guarded=False``: no guard, for iterations whose rounding does not grow with |f| / eps
+        (``scaling_loop``'s, on sums of relative size 1)."""
         error = error.detach()
         with torch.no_grad():
             if iteration == WINDOW // 2:
@@ -70,7 +72,7 @@ class RelaxationFactor:
             elif iteration == WINDOW and self.early is not None:
                 theta = torch.nan_to_num((error / self.early) ** (1.0 / (WINDOW - WINDOW // 2)), nan=0.0)
                 theta = torch.where(theta < 1, theta, 0.0)  # not contracting yet: stay plain
-                if self.rounding is not None and self.tol > 0:
+                if guarded and self.rounding is not None and self.tol > 0:
                     theta = torch.where(self.rounding(*potentials()) <= QUIET * self.tol, theta, 0.0)
                 self.omega = (2 / (1 + torch.sqrt(1 - theta))).clamp(max=CAP).unsqueeze(-1)
                 self.best, self.measured = error.clone(), True
