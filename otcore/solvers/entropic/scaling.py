@@ -24,6 +24,10 @@ exponential dominates the log-domain iteration, this is 5 to 15 times faster per
 kernel is held densely, (B, n, m) in the compute dtype, beside the costs (a ``PointCloud``'s are
 built for each rebuild and dropped), so it is used only below ``DENSE_BUDGET_BYTES``.
 
+These per-half-step softmins serve the solves ``scaling_loop`` does not take (unbalanced
+problems, callbacks, annealing) and those it hands back; balanced solves run there, on the sums
+themselves, with checks every few iterations.
+
 References:
     Schmitzer, "Stabilized sparse scaling algorithms for entropy regularized transport
     problems", SIAM J. Sci. Comput. 2019 (absorption, Algorithm 2).
