@@ -10,8 +10,6 @@ an asv skip. ``benchmarks/run_gpu.sh`` runs them and writes ``RESULTS_gpu.md``.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from . import hardware, peers, problems
@@ -49,14 +47,6 @@ class _GPUIterations(peers.PeerCase):
     def teardown(self, *params):
         torch.set_float32_matmul_precision(getattr(self, "_matmul_precision", "highest"))
 
-    def _seconds(self) -> float:
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            self.run()
-            best = min(best, time.perf_counter() - start)
-        return best
-
     def track_gpu_peak_bytes(self, *params):
         torch.cuda.reset_peak_memory_stats()
         self.run()
@@ -70,7 +60,7 @@ class SinkhornIterationGPU(_GPUIterations):
     param_names = ("impl", "n", "d", "precision")
 
     def track_seconds_per_iteration(self, impl, n, d, precision):
-        return self._seconds() / self.peer.iterations(ITERS)
+        return self.best_seconds() / self.peer.iterations(ITERS)
 
     def track_floor_fraction(self, impl, n, d, precision):
         """Hardware floor of one iteration / measured time per iteration (1 = at the floor)."""
@@ -89,6 +79,6 @@ class SinkhornGradientGPU(_GPUIterations):
     grad = True
 
     def track_seconds_forward_backward(self, *params):
-        return self._seconds()
+        return self.best_seconds()
 
     track_seconds_forward_backward.unit = "seconds"

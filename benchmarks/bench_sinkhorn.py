@@ -9,8 +9,6 @@ peers that build the cost matrix (or stream it), time and peak memory.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from . import peers, problems
@@ -117,23 +115,10 @@ class SinkhornIteration(peers.PeerCase):
 
     def track_seconds_per_iteration(self, *params):
         """(best time of ITERS + SLOPE_ITERS iterations - best time of ITERS) / SLOPE_ITERS, best of 3."""
-        times = {}
-        for iters in (self.ITERS, self.ITERS + self.SLOPE_ITERS):
-            options = {**self.options, "max_iter": iters}
-            times[iters] = min(_timed(lambda o=options: self.peer.run(self.task, self.inputs, **o), self.device)
-                               for _ in range(3))
-        return (times[self.ITERS + self.SLOPE_ITERS] - times[self.ITERS]) / self.SLOPE_ITERS
+        short = self.best_seconds(max_iter=self.ITERS)
+        return (self.best_seconds(max_iter=self.ITERS + self.SLOPE_ITERS) - short) / self.SLOPE_ITERS
 
     track_seconds_per_iteration.unit = "seconds"
-
-
-def _timed(run, device: torch.device) -> float:
-    """Seconds of one call of ``run`` (CUDA synchronised)."""
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 class _CloudCase(peers.PeerCase):

@@ -56,7 +56,6 @@ class RelaxationFactor:
         self.early: torch.Tensor | None = None  # (B,) error at WINDOW / 2
         self.best: torch.Tensor | None = None  # (B,) smallest error since omega was set
         self.omega: torch.Tensor | None = None  # (B, 1) once measured
-        self.measured = False
 
     def observe(self, iteration: int, error: torch.Tensor,
                 potentials: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, guarded: bool = True) -> None:
@@ -75,7 +74,7 @@ class RelaxationFactor:
                 if guarded and self.rounding is not None and self.tol > 0:
                     theta = torch.where(self.rounding(*potentials()) <= QUIET * self.tol, theta, 0.0)
                 self.omega = (2 / (1 + torch.sqrt(1 - theta))).clamp(max=CAP).unsqueeze(-1)
-                self.best, self.measured = error.clone(), True
+                self.best = error.clone()
                 if error.device.type == "cpu" and bool((self.omega == 1).all()):
                     self.omega = None  # nothing to relax: plain updates, without the relaxation's operations
             elif iteration > WINDOW and self.omega is not None and self.best is not None:
