@@ -160,3 +160,23 @@ def test_subnormal_kernel_sums_fall_back_to_the_log_domain():
     residual = (a64 * torch.expm1((f - tau * rows) / eps)).abs().sum() + \
         torch.where(b64 > 0, b64 * torch.expm1((g - tau * cols) / eps), 0).abs().sum()
     assert float(residual) <= 1e-4
+
+
+def test_a_warm_start_whose_kernel_underflows_restarts_from_the_hard_c_transforms(gen, monkeypatch):
+    """init = (-50, -50) at eps = 0.01: every entry of exp((f0 + g0 - C)/eps) underflows, so the
+    first iteration fails even one at a time; the solve restarts once from min_j C_ij (and the
+    column minima after it) and still reaches POT's plan."""
+    x, y = clouds(30, 25, 2, gen)
+    C, a, b = sqdist(x, y), simplex(30, gen), simplex(25, gen)
+    starts = []
+    original = scaling.StabilisedKernel.rebuild
+
+    def recorded(self, f, g):
+        starts.append(f is None)
+        return original(self, f, g)
+
+    monkeypatch.setattr(scaling.StabilisedKernel, "rebuild", recorded)
+    init = (torch.full((30,), -50.0, dtype=F64), torch.full((25,), -50.0, dtype=F64))
+    res = otcore.sinkhorn(C, a, b, eps=0.01, tol=1e-11, max_iter=50_000, init=init, domain="scaling")
+    assert bool(res.converged) and starts[:2] == [False, True]
+    assert float((res.plan - _pot_log_plan(C, a, b, 0.01)).abs().sum()) <= 1e-9
