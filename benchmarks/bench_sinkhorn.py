@@ -26,7 +26,7 @@ def dense_inputs(n, dtype, device):
 
 
 class SinkhornDense(peers.PeerCase):
-    params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], problems.by_profile([500], [500, 2000]),
+    params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel", "pot_kernel_torch"], problems.by_profile([500], [500, 2000]),
               ["float64", "float32"], [1e-1, 1e-2], problems.DEVICES)  # eps >= 1e-2: the kernel-domain reference stays finite
     param_names = ("impl", "n", "dtype", "eps", "device")
     timeout = 600
@@ -95,7 +95,7 @@ class SinkhornIteration(peers.PeerCase):
 
     ITERS = 5
     SLOPE_ITERS = 50
-    params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel"], problems.by_profile([500, 2000], [500, 2000, 5000]),
+    params = (["otcore", "pot_log", "pot_log_torch", "pot_kernel", "pot_kernel_torch"], problems.by_profile([500, 2000], [500, 2000, 5000]),
               ["float64", "float32"], problems.by_profile([1e-2], [1e-2, 1e-3]), problems.DEVICES)
     param_names = ("impl", "n", "dtype", "eps", "device")
     timeout = 600

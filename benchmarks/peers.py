@@ -6,7 +6,8 @@ does not do a task or run on a device, raises ``NotImplementedError``, which asv
 skip, never a failure.
 
 Tasks: ``sinkhorn`` (dense cost, to a marginal tolerance, or a fixed number of iterations with
-``tol=0``), ``sinkhorn_cloud`` (points), ``emd`` (exact), ``divergence`` (debiased, points),
+``tol=0``), ``sinkhorn_cloud`` (points), ``emd`` (exact), ``divergence`` (debiased, points;
+``grad=True``: followed by its gradient w.r.t. x),
 ``sinkhorn_iterations`` (points, a fixed eps and number of iterations, optionally followed by
 the gradient of the value w.r.t. x; ``iterations(iters)`` says how many a run really did).
 """
@@ -73,7 +74,7 @@ def _value_and_grad(loss_fn, x: torch.Tensor, grad: bool) -> torch.Tensor:
     value = loss_fn(xs)
     if grad:
         torch.autograd.grad(value, xs)
-    return value
+    return value.detach()
 
 
 class Otcore(Peer):
@@ -103,8 +104,8 @@ class Otcore(Peer):
 
         return _value_and_grad(loss, x, grad)
 
-    def divergence(self, x, y, *, eps, tol):
-        return otcore.sinkhorn_divergence(x, y, eps=eps, tol=tol, warn=False)
+    def divergence(self, x, y, *, eps, tol, grad=False):
+        return _value_and_grad(lambda xs: otcore.sinkhorn_divergence(xs, y, eps=eps, tol=tol, warn=False), x, grad)
 
     def summarize(self, out) -> Summary:
         if torch.is_tensor(out):
@@ -138,9 +139,11 @@ class PotNumpy(Peer):
 
         return ot.emd2(a, b, C)
 
-    def divergence(self, x, y, *, eps, tol):
+    def divergence(self, x, y, *, eps, tol, grad=False):
         import ot
 
+        if grad:
+            raise NotImplementedError("POT's NumPy divergence has no gradient")
         return ot.bregman.empirical_sinkhorn_divergence(x, y, eps, stopThr=tol, numIterMax=10_000, method=self.method)
 
     def summarize(self, out) -> Summary:
@@ -151,13 +154,14 @@ class PotNumpy(Peer):
 
 
 class PotTorch(PotNumpy):
-    """POT's log-domain Sinkhorn through its torch backend (tensors in, tensors out)."""
+    """POT's Sinkhorn through its torch backend (tensors in, tensors out): ``method`` as for
+    ``PotNumpy``."""
 
     devices = ("cpu", "cuda")
 
-    def __init__(self):
-        super().__init__("sinkhorn_log")
-        self.name = "pot_log_torch"
+    def __init__(self, method: str):
+        super().__init__(method)
+        self.name += "_torch"
 
     def prepare(self, inputs):
         require("ot")
@@ -206,8 +210,9 @@ class SamplesLossPeer(Peer):
     def sinkhorn_cloud(self, x, y, a, b, *, eps, tol, max_iter):
         return self._loss(eps, debias=False)(a, x, b, y)
 
-    def divergence(self, x, y, *, eps, tol):
-        return self._loss(eps, debias=True)(x, y)
+    def divergence(self, x, y, *, eps, tol, grad=False):
+        loss = self._loss(eps, debias=True)
+        return _value_and_grad(lambda xs: loss(xs, y), x, grad)
 
     def summarize(self, out) -> Summary:
         return Summary(float(out) / self.cost_scale)
@@ -307,12 +312,27 @@ class OtcoreSns(Otcore):
 
 
 class OtcoreScaled(Otcore):
-    """otcore's divergence with eps-scaling (ratio 0.5, GeomLoss's default)."""
+    """otcore's divergence with eps-scaling (eps halved per iteration; GeomLoss's default halves blur, eps / 4)."""
 
     name = "otcore_scaled"
 
-    def divergence(self, x, y, *, eps, tol):
-        return otcore.sinkhorn_divergence(x, y, eps=eps, tol=tol, eps_scaling=0.5, warn=False)
+    def divergence(self, x, y, *, eps, tol, grad=False):
+        return _value_and_grad(
+            lambda xs: otcore.sinkhorn_divergence(xs, y, eps=eps, tol=tol, eps_scaling=0.5, warn=False), x, grad)
+
+
+class OtcoreAnnealed(Otcore):
+    """GeomLoss's recipe spelled in otcore: eps annealed from max |C| by 0.5 per iteration, then two
+    iterations at eps, no stopping test (``tol=0``). About GeomLoss's accuracy, not otcore's
+    default one."""
+
+    name = "otcore_annealed"
+
+    def divergence(self, x, y, *, eps, tol, grad=False):
+        max_cost = float((torch.cdist(x.detach(), y.detach()) ** 2).max())
+        steps = max(0, math.ceil(math.log(max_cost / eps) / math.log(2.0)))
+        return _value_and_grad(lambda xs: otcore.sinkhorn_divergence(
+            xs, y, eps=eps, tol=0, eps_scaling=0.5, max_iter=steps + 2, warn=False), x, grad)
 
 
 class OtcoreLoose(Otcore):
@@ -321,8 +341,8 @@ class OtcoreLoose(Otcore):
 
     name = "otcore_tol1e-2"
 
-    def divergence(self, x, y, *, eps, tol):
-        return otcore.sinkhorn_divergence(x, y, eps=eps, tol=1e-2, warn=False)
+    def divergence(self, x, y, *, eps, tol, grad=False):
+        return _value_and_grad(lambda xs: otcore.sinkhorn_divergence(xs, y, eps=eps, tol=1e-2, warn=False), x, grad)
 
 
 class RegOT(Peer):
@@ -352,14 +372,16 @@ PEERS: dict[str, Peer] = {
         TorchTensorized(),
         GeomLossIterations(),
         PotNumpy("sinkhorn_log"),
-        PotTorch(),
+        PotTorch("sinkhorn_log"),
         PotNumpy("sinkhorn"),
+        PotTorch("sinkhorn"),
         SamplesLossPeer("geomloss", "geomloss", ("cpu", "cuda"), 0.5, backend="tensorized"),
         SamplesLossPeer("geomloss_online", "geomloss", ("cpu", "cuda"), 0.5, backend="online"),
         SamplesLossPeer("flash_sinkhorn", "flash_sinkhorn", ("cuda",), 1.0),
         OtcoreSns(),
         OtcoreScaled(),
         OtcoreLoose(),
+        OtcoreAnnealed(),
         RegOT("ssns"),
         RegOT("sparse_newton"),
         RegOT("bcd"),

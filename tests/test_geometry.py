@@ -42,3 +42,44 @@ def test_bad_geometry_inputs():
         PointCloud(torch.zeros(3, 2), torch.zeros(4, 2), cost="hamming")
     with pytest.raises(ValueError, match="empty"):
         CostMatrix(torch.zeros(0, 3))
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "cosine"])
+def test_stored_costs_match_recomputed_ones_and_follow_in_place_changes(gen, cost, monkeypatch):
+    """A small PointCloud keeps C and C^T (``DENSE_COSTS_BYTES``): its softmins (both axes) and
+    gradients equal those of a cloud that recomputes its costs, and an in-place change of the
+    points (a cosine cloud holds a view of x) is seen at the next call."""
+    import otcore.geometry.point_cloud as point_cloud
+
+    x, y = clouds(9, 7, 3, gen)
+    h_rows, h_cols = torch.randn(1, 7, generator=gen, dtype=F64), torch.randn(1, 9, generator=gen, dtype=F64)
+    w_rows, w_cols = simplex(7, gen)[None], simplex(9, gen)[None]
+
+    def softmins(geom):
+        return geom.softmin(h_rows, 0.3, w_rows, axis=1), geom.softmin(h_cols, 0.3, w_cols, axis=0)
+
+    stored = PointCloud(x, y, cost=cost)
+    first = softmins(stored)
+    assert "_dense" in stored.__dict__
+    monkeypatch.setattr(point_cloud, "DENSE_COSTS_BYTES", 0)
+    recomputed = softmins(PointCloud(x, y, cost=cost))
+    assert "_dense" not in stored.with_tensors(*stored.tensors).__dict__
+    monkeypatch.undo()
+    for got, want in zip(first, recomputed, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if cost == "cosine":
+        x.mul_(-1.0)  # the cloud's x is a view of this tensor: its version counter moves
+        monkeypatch.setattr(point_cloud, "DENSE_COSTS_BYTES", 0)
+        after = softmins(PointCloud(x, y, cost=cost))
+        monkeypatch.undo()
+        for got, want in zip(softmins(stored), after, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(after[0], recomputed[0])
+    xr = x.clone().requires_grad_()
+    out = PointCloud(xr, y, cost=cost).softmin(h_rows, 0.3, w_rows, axis=1).sum() + \
+        PointCloud(xr, y, cost=cost).softmin(h_cols, 0.3, w_cols, axis=0).sum()
+    dense = CostMatrix(sqdist(xr, y) if cost == "sqeuclidean" else
+                       1 - torch.nn.functional.normalize(xr, dim=-1) @ torch.nn.functional.normalize(y, dim=-1).T)
+    out_dense = dense.softmin(h_rows, 0.3, w_rows, axis=1).sum() + dense.softmin(h_cols, 0.3, w_cols, axis=0).sum()
+    torch.testing.assert_close(torch.autograd.grad(out, xr)[0], torch.autograd.grad(out_dense, xr)[0],
+                               rtol=1e-10, atol=1e-12)

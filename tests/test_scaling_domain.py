@@ -180,3 +180,18 @@ def test_a_warm_start_whose_kernel_underflows_restarts_from_the_hard_c_transform
     res = otcore.sinkhorn(C, a, b, eps=0.01, tol=1e-11, max_iter=50_000, init=init, domain="scaling")
     assert bool(res.converged) and starts[:2] == [False, True]
     assert float((res.plan - _pot_log_plan(C, a, b, 0.01)).abs().sum()) <= 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_entries_below_the_normal_range_are_exact_zeros(dtype):
+    """``exp_normal_`` against torch.exp in float64: equal (to rounding) where exp(t) >= e tiny,
+    exactly 0 below, never subnormal (whose arithmetic is ~30x slower)."""
+    tiny = torch.finfo(dtype).tiny
+    floor = float(np.log(tiny))
+    t = torch.linspace(floor - 30, 5, 20_001, dtype=dtype)
+    out = scaling.exp_normal_(t.clone())
+    ref = t.double().exp()
+    kept = ref >= np.e * tiny * (1 + 1e-6)
+    torch.testing.assert_close(out[kept].double(), ref[kept], rtol=4 * torch.finfo(dtype).eps, atol=0)
+    assert bool((out[ref < tiny] == 0).all())
+    assert not bool(((out > 0) & (out < tiny)).any())

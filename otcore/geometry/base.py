@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
@@ -67,6 +68,22 @@ class Geometry(ABC):
     @abstractmethod
     def cost_rows(self, rows: slice, transpose: bool = False) -> torch.Tensor:
         """Differentiable rows ``rows`` of C, or of C^T when ``transpose``: (B, r, m) or (B, r, n)."""
+
+    def cost_block(self, rows: slice, transpose: bool = False) -> torch.Tensor:
+        """The values of ``cost_rows(rows, transpose)`` without gradient (a geometry that keeps
+        its costs reads them)."""
+        with torch.no_grad():
+            return self.cost_rows(rows, transpose)
+
+    def cost_vjp(self, G: torch.Tensor, transpose: bool, wanted: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
+        """The gradients of sum(G * C) w.r.t. ``tensors`` (None where ``wanted`` is False), C being
+        all of this geometry's rows of C (of C^T when ``transpose``): G (B, n, m) or (B, m, n).
+        By autograd through ``cost_rows``; a geometry with a closed form overrides it."""
+        with torch.enable_grad():
+            cost = self.cost_rows(slice(None), transpose)
+            sources = [t for t, need in zip(self.tensors, wanted, strict=True) if need]
+            grads = iter(torch.autograd.grad(cost, sources, G, allow_unused=True))
+        return tuple(next(grads) if need else None for need in wanted)
 
     @abstractmethod
     def fill_scores(self, rows: slice, buf: torch.Tensor, h: torch.Tensor, inv_eps: float, transpose: bool):
@@ -206,6 +223,7 @@ class Geometry(ABC):
     def _replace(self, **fields) -> Self:
         new = copy.copy(self)
         new.__dict__.pop("_cost_range", None)
+        new.__dict__.pop("_dense", None)  # a PointCloud's stored costs
         new.__dict__.update(fields)
         return new
 

@@ -1,4 +1,4 @@
-"""Point clouds: costs recomputed block by block, never materialising n x m."""
+"""Point clouds: costs recomputed block by block, or, for small clouds, computed once and kept."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ from otcore._precision import HALF
 from otcore._validation import check_finite, check_tensor
 from otcore.geometry.backends import resolve_backend
 from otcore.geometry.base import Geometry
+from otcore.geometry.cost_matrix import CostMatrix
 from otcore.geometry.costs import pairwise_cost, parse_cost
 from otcore.kernels.codes import POINT_COSTS
+from otcore.kernels.softmin import blocked
+
+#: Most memory (bytes) that a ``PointCloud`` on the torch backend spends on keeping its costs C
+#: and C^T (2 B n m entries of the compute dtype), computed once, for its passes without
+#: gradients; larger clouds recompute their costs block by block in every pass. Set it in your program to change it (0:
+#: always recompute).
+DENSE_COSTS_BYTES = 2**26
 
 
 def _centred(x: torch.Tensor, y: torch.Tensor, grid: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +43,11 @@ class PointCloud(Geometry):
     """Costs ``c(x_i, y_j)`` between x (n, d) / (B, n, d) and y (m, d) / (B, m, d).
 
     Memory is O((n + m) d + block * m): the softmin and plan products recompute the costs of one
-    block of rows at a time (and again in the backward pass).
+    block of rows at a time (and again in the backward pass). Below ``DENSE_COSTS_BYTES``
+    (64 MiB for C and C^T) the torch backend computes the n x m costs once instead, at the first pass that
+    needs them, and reads them in every pass without gradients (a log-sum-exp over a stored
+    matrix is about 3 times faster than one that recomputes the costs); backward passes still
+    recompute theirs from the points.
 
     Args:
         x: source points.
@@ -136,6 +148,51 @@ class PointCloud(Geometry):
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)
         return pairwise_cost(src[:, rows].to(self.dtype), dst.to(self.dtype), self.cost)
 
+    def _stored(self, transpose: bool = False) -> CostMatrix | None:
+        """The costs C (``transpose``: C^T, contiguous: reductions run along memory) as a
+        ``CostMatrix`` without gradient, computed at the first call and kept while the points are
+        unchanged (their version counters); None when not on the torch backend or when C and C^T
+        would take more than ``DENSE_COSTS_BYTES``. (``_replace`` drops them: other points.)"""
+        B, n, m = self.shape
+        if self.backend != "torch" or 2 * B * n * m * self.dtype.itemsize > DENSE_COSTS_BYTES:
+            return None
+        versions = (self.x._version, self.y._version)
+        stored = self.__dict__.get("_dense")
+        if stored is None or stored[0] != versions:
+            C = torch.empty(B, n, m, dtype=self.dtype, device=self.device)
+            with torch.no_grad():
+                for rows in blocked.row_blocks(n, m, B, blocked.block_elements(self.device)):
+                    C[:, rows] = self.cost_rows(rows)
+            symmetric = self.x is self.y  # a self-transport cloud (costs of a measure with itself)
+            CT = C if symmetric else C.mT.contiguous()
+            stored = self._dense = (versions, CostMatrix(C, backend="torch", validate=False),
+                                    CostMatrix(CT, backend="torch", validate=False))
+        return stored[2 if transpose else 1]
+
+    def cost_block(self, rows, transpose=False):
+        stored = self._stored(transpose)
+        return super().cost_block(rows, transpose) if stored is None else stored.C[:, rows]
+
+    def cost_vjp(self, G, transpose, wanted):
+        """As ``Geometry.cost_vjp``; in closed form for the squared-Euclidean cost of points held
+        in the compute dtype: with C_ij = |x_i - y_j|^2, d/dx_i = 2 (x_i sum_j G_ij - sum_j G_ij y_j)
+        and d/dy_j = 2 (y_j sum_i G_ij - sum_i G_ij x_i) (two small matrix products, no autograd
+        graph over the block)."""
+        if self.cost != "sqeuclidean" or self.x.dtype != self.dtype:
+            return super().cost_vjp(G, transpose, wanted)
+        src, dst = (self.y, self.x) if transpose else (self.x, self.y)
+        G = G.to(self.dtype)
+        grad_src = (src * G.sum(-1, keepdim=True) - torch.bmm(G, dst)).mul_(2.0)
+        grad_dst = (dst * G.sum(-2).unsqueeze(-1) - torch.bmm(G.mT, src)).mul_(2.0)
+        grads = (grad_dst, grad_src) if transpose else (grad_src, grad_dst)
+        return tuple(grad if need else None for grad, need in zip(grads, wanted, strict=True))
+
+    def materialize(self):
+        """As ``Geometry.materialize``; the stored costs (``DENSE_COSTS_BYTES``) when no gradient
+        is recorded."""
+        stored = None if self.needs_grad() else self._stored()
+        return super().materialize() if stored is None else stored.C
+
     def restricted(self, rows, transpose=False):
         return self.with_tensors(self.x, self.y[:, rows]) if transpose else self.with_tensors(self.x[:, rows], self.y)
 
@@ -144,6 +201,9 @@ class PointCloud(Geometry):
         return src, dst, POINT_COSTS[self.cost]
 
     def fill_scores(self, rows, buf, h, inv_eps, transpose):
+        stored = self._stored(transpose)
+        if stored is not None:  # rows of C or of C^T
+            return stored.fill_scores(rows, buf, h, inv_eps, False)
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)
         xs = src[:, rows]
         if self.cost == "sqeuclidean":

@@ -29,7 +29,7 @@ def map_rows(geom, block_fn: Callable[..., torch.Tensor], transpose: bool = Fals
     n_rows, row_len = (m, n) if transpose else (n, m)
     with torch.no_grad():
         blocks = blocked.row_blocks(n_rows, row_len, B, blocked.block_elements(geom.device))
-        return torch.cat([block_fn(geom.cost_rows(rows, transpose)) for rows in blocks], dim=1)
+        return torch.cat([block_fn(geom.cost_block(rows, transpose)) for rows in blocks], dim=1)
 
 
 class _Recomputed(torch.autograd.Function):
@@ -57,21 +57,32 @@ class _Recomputed(torch.autograd.Function):
         leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, wanted, strict=True)]
         leaf_geom = geom.with_tensors(*leaves[-n_geom:])
         total_geom = geom.with_tensors(*(t if t is not None else g for t, g in zip(totals[-n_geom:], geom.tensors, strict=True)))
+        geom_wanted = wanted[-n_geom:]
         B, n, m = geom.shape
         n_rows, row_len = (m, n) if transpose else (n, m)
         for rows in blocked.row_blocks(n_rows, row_len, B, blocked.block_elements(geom.device)):
+            # the block's costs as a leaf: its gradient G reaches the geometry's tensors through
+            # ``cost_vjp`` (a closed form where the geometry has one)
+            cost = geom.cost_block(rows, transpose).detach().requires_grad_(any(geom_wanted))
             with torch.enable_grad():
-                block = leaf_geom.restricted(rows, transpose)
                 row_leaves = [t[:, rows] if t is not None else None for t in leaves[:n_row]]
-                out = ctx.block_fn(block.cost_rows(slice(None), transpose), *row_leaves, *leaves[n_row:-n_geom])
-                sources = [*row_leaves, *leaves[n_row:-n_geom], *block.tensors]
-                targets = [*(t[:, rows] if t is not None else None for t in totals[:n_row]),
-                           *totals[n_row:-n_geom], *total_geom.restricted(rows, transpose).tensors]
-                pairs = [(s, t) for s, t, need in zip(sources, targets, wanted, strict=True) if need]
+                out = ctx.block_fn(cost, *row_leaves, *leaves[n_row:-n_geom])
+                sources = [*row_leaves, *leaves[n_row:-n_geom]]
+                targets = [*(t[:, rows] if t is not None else None for t in totals[:n_row]), *totals[n_row:-n_geom]]
+                pairs = [(s, t) for s, t, need in zip(sources, targets, wanted[:-n_geom], strict=True) if need]
+                if any(geom_wanted):
+                    pairs.append((cost, None))
                 grads = torch.autograd.grad(out, [s for s, _ in pairs], grad_out[:, rows], allow_unused=True)
             for (_, total), grad in zip(pairs, grads, strict=True):
-                if grad is not None:
+                if grad is not None and total is not None:
                     total.add_(grad)
+            if any(geom_wanted) and grads[-1] is not None:
+                with torch.enable_grad():  # views of the leaves that autograd follows
+                    block = leaf_geom.restricted(rows, transpose)
+                block_grads = block.cost_vjp(grads[-1], transpose, geom_wanted)
+                for total, grad in zip(total_geom.restricted(rows, transpose).tensors, block_grads, strict=True):
+                    if grad is not None:
+                        total.add_(grad)
         return (None, None, None, None, None, *totals)
 
 
