@@ -145,8 +145,8 @@ def sinkhorn(
             (absorption, Schmitzer 2019): matrix-vector speed with no overflow at any eps; it
             holds a (B, n, m) kernel. Balanced problems without a ``callback`` run
             ``scaling_loop``: two products and two divisions per iteration, the marginal error
-            measured on each problem's own schedule (every k <= 16 iterations, k adapted to its
-            contraction), so a problem stops at the first such check at or after the iteration
+            measured on each problem's own schedule (every k <= 64 iterations, and at most
+            max(16, a quarter of the iterations run), k adapted to its contraction), so a problem stops at the first such check at or after the iteration
             at which its error reached tol (a few iterations later, and closer to the optimum,
             than the log domain; the same whether it is solved alone or in a batch). Others
             read the host once per half-step. ``"auto"``
