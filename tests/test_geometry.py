@@ -49,7 +49,7 @@ def test_stored_costs_match_recomputed_ones_and_follow_in_place_changes(gen, cos
     """A small PointCloud keeps C and C^T (``DENSE_COSTS_BYTES``): its softmins (both axes) and
     gradients equal those of a cloud that recomputes its costs, and an in-place change of the
     points (a cosine cloud holds a view of x) is seen at the next call."""
-    import otcore.geometry.point_cloud as point_cloud
+    from otcore.geometry import point_cloud
 
     x, y = clouds(9, 7, 3, gen)
     h_rows, h_cols = torch.randn(1, 7, generator=gen, dtype=F64), torch.randn(1, 9, generator=gen, dtype=F64)
