@@ -165,9 +165,9 @@ class PointCloud(Geometry):
                     C[:, rows] = self.cost_rows(rows)
             symmetric = self.x is self.y  # a self-transport cloud (costs of a measure with itself)
             CT = C if symmetric else C.mT.contiguous()
-            stored = self._dense = (versions, CostMatrix(C, backend="torch", validate=False),
-                                    CostMatrix(CT, backend="torch", validate=False))
-        return stored[2 if transpose else 1]
+            matrices = (CostMatrix(C, backend="torch", validate=False), CostMatrix(CT, backend="torch", validate=False))
+            stored = self._dense = (versions, matrices)
+        return stored[1][int(transpose)]
 
     def cost_block(self, rows, transpose=False):
         stored = self._stored(transpose)

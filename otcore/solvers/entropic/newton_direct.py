@@ -49,7 +49,7 @@ import math
 
 import torch
 
-from otcore._precision import exp_above_tiny_
+from otcore._precision import exp_above_tiny_, flushed_subnormals
 from otcore.solvers.entropic.scaling import THRESHOLDS
 
 HALVINGS = 10
@@ -77,7 +77,9 @@ def direct_newton(C, a, b, eps, *, tol, max_iter, sinkhorn_iter):
         (f (B, n), g (B, m), error (B,), warm-up iterations (B,) int64, Newton iterations (B,)
         int64), in the dtype and device of C.
     """
-    with torch.inference_mode():  # less dispatch work per kernel; the outputs are rebuilt outside it
+    # inference mode: less dispatch work per kernel (the outputs are rebuilt outside it); products of
+    # plan entries near tiny are flushed (``flushed_subnormals``)
+    with torch.inference_mode(), flushed_subnormals():
         out = [_Solver(C[k], a[k], b[k], eps).solve(tol, max_iter, sinkhorn_iter) for k in range(C.shape[0])]
     n = a.shape[-1]
     z = torch.stack([o[0] for o in out]) * eps
@@ -242,6 +244,9 @@ class _Solver:
             Pe, ge, gk, De, Dk = P.mT, grad[n:], grad[:n], shifted[n:], shifted[:n]
         if not lam > 0:  # an empty row (zero weight, or underflow) stays 0 in W
             De = De.clamp_min(torch.finfo(De.dtype).tiny)
+        # entries below sqrt(tiny) weigh nothing in S (their products are below tiny), and products
+        # that round to subnormals make the matrix product many times slower: they are dropped
+        Pe = torch.nn.functional.threshold(Pe, 2.0 * math.sqrt(torch.finfo(Pe.dtype).tiny), 0.0)
         W = Pe / De.unsqueeze(-1)  # diag(r + lam)^-1 P when the rows are eliminated
         S = torch.sub(self.gauge, torch.mm(W.mT, Pe))
         S.diagonal().add_(Dk)

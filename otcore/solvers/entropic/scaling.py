@@ -40,6 +40,7 @@ import math
 
 import torch
 
+from otcore._precision import exp_above_tiny_
 from otcore.geometry import Geometry
 
 DOMAINS = ("auto", "log", "scaling")
@@ -193,18 +194,7 @@ class StabilisedKernel:
                 f = C.amin(-1)
                 g = (C - f.unsqueeze(-1)).amin(-2)
         self.f0, self.g0 = f.clone(), g.clone()
-        self.kernel = exp_normal_(torch.add(f.unsqueeze(-1), g.unsqueeze(-2)).sub_(C).div_(self.eps))
+        # entries below e tiny are 0: a subnormal exponential or product is many times slower
+        self.kernel = exp_above_tiny_(torch.add(f.unsqueeze(-1), g.unsqueeze(-2)).sub_(C).div_(self.eps), zero=True)
         return self.kernel, self.f0, self.g0
 
-
-def exp_normal_(t: torch.Tensor) -> torch.Tensor:
-    """exp of ``t`` in place, with the results below e times the smallest normal number set to 0.
-
-    At small eps most entries of K~ underflow; an exponential (and every later product) whose
-    result is subnormal runs about 30 times slower on x86 CPUs, and such entries carry few
-    significant bits anyway: a sum that rests on them is one ``full_precision`` rejects. The
-    exponent is clamped at log(e tiny) and the entries that hit the clamp are zeroed.
-    """
-    floor = math.log(torch.finfo(t.dtype).tiny) + 1.0
-    smallest = float(torch.tensor(floor, dtype=t.dtype).exp())  # exp(floor) as this dtype rounds it
-    return torch.nn.functional.threshold_(t.clamp_min_(floor).exp_(), smallest, 0.0)

@@ -44,14 +44,13 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from otcore._precision import flushed_subnormals
 from otcore.core.loop import LoopOutcome
 from otcore.solvers.entropic.overrelaxation import WINDOW, RelaxationFactor
 from otcore.solvers.entropic.scaling import StabilisedKernel
@@ -206,27 +205,6 @@ def run_symmetric_scaling_loop(
     finished)`` as ``run_scaling_loop``, ``state`` = (p,). The error is that of the plan of p,
     |P1 - w|_1 + |P^T 1 - w|_1, measured from the first iteration on."""
     return _drive(_Symmetric(kernel, w, p), (p,), max_iter=max_iter, tol=tol, first_check=1)
-
-
-@contextlib.contextmanager
-def flushed_subnormals() -> Iterator[None]:
-    """Flush subnormal numbers to zero in this thread's CPU arithmetic for the duration, then
-    restore the mode found (``torch.set_flush_denormal``, x86 with SSE3; elsewhere nothing).
-
-    At small eps products of kernel entries and scalings fall below the normal range, where each
-    operation runs about 30 times slower (measured: the eps = 0.01 training loop of 500 points
-    4.2 s -> 1.5 s). Such terms carry few significant bits and are below u times any sum a
-    check accepts (``StabilisedKernel.full_precision``), so flushing them changes no result
-    beyond rounding.
-    """
-    tiny = torch.finfo(torch.float32).tiny
-    flushing = float(torch.tensor(tiny) * 0.5) == 0.0  # the mode already in force
-    switched = not flushing and torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if switched:
-            torch.set_flush_denormal(False)
 
 
 def _drive(problem, start: tuple[torch.Tensor, ...], *, max_iter: int, tol: float,
