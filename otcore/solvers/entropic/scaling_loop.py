@@ -90,9 +90,9 @@ class _Cross:
         self.absorb(None, None)
         return True
 
-    def run(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, count: int) -> tuple[torch.Tensor, float, float]:
         """``count`` iterations from the checked iterate: (error (B,) of the iterate one
-        iteration back, the sums whose range the check tests)."""
+        iteration back, and ``_range`` of the sums the check tests)."""
         omega = None if self.factor is None else self.factor.omega
         xp, (K, a, b, s, t, positive, omega) = _arrays(self.K, self.a, self.b, self.s, self.t, self.positive, omega)
         positive = positive if self.zero_weight else None
@@ -102,10 +102,11 @@ class _Cross:
                 plain = (K @ (b / t)[..., None])[..., 0]
                 s = plain if omega is None else _relaxed(xp, s_prev, plain, omega, positive)
                 t = ((a / s)[..., None, :] @ K)[..., 0, :]
-        plain, s_prev, t_prev, s, t = _tensors(plain, s_prev, t_prev, s, t)
+            error = (a * abs(plain / s_prev - 1)).sum(-1)
+            worst_log, smallest = _range(xp, plain, s, t)
+        error, plain, s_prev, t_prev, s, t = _tensors(error, plain, s_prev, t_prev, s, t)
         self.new, self.measured, self.plain = (s, t), (s_prev, t_prev), plain
-        error = (self.a * (plain / s_prev - 1).abs()).sum(-1)
-        return error, torch.cat([plain, s, t], dim=-1)
+        return error, worst_log, smallest
 
     def commit(self) -> None:
         self.s, self.t = self.new
@@ -145,7 +146,7 @@ class _Symmetric:
         self.K, self.p0, _ = self.kernel.rebuild(p, p)
         self.r = torch.ones_like(self.w)
 
-    def run(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, count: int) -> tuple[torch.Tensor, float, float]:
         xp, (K, w, r, positive) = _arrays(self.K, self.w, self.r, self.positive)
         with np.errstate(all="ignore"):  # as in ``_Cross.run``
             for _ in range(count):
@@ -154,10 +155,11 @@ class _Symmetric:
                 r = (r * update) ** 0.5
                 if self.zero_weight:  # zero-weight points take the c-transform, not the average
                     r = xp.where(positive, r, update)
-        update, r_prev, r = _tensors(update, r_prev, r)
+            error = 2 * (w * abs(update / r_prev - 1)).sum(-1)  # |P1 - w|_1 + |P^T 1 - w|_1
+            worst_log, smallest = _range(xp, update, r)
+        error, update, r_prev, r = _tensors(error, update, r_prev, r)
         self.new, self.measured, self.plain = r, r_prev, update
-        error = 2 * (self.w * (update / r_prev - 1).abs()).sum(-1)  # |P1 - w|_1 + |P^T 1 - w|_1
-        return error, torch.cat([update, r], dim=-1)
+        return error, worst_log, smallest
 
     def commit(self) -> None:
         self.r = self.new
@@ -236,9 +238,7 @@ def _iterate(problem, start: tuple[torch.Tensor, ...], *, max_iter: int, tol: fl
     while at < max_iter:
         stop = min(max_iter, at + safe, schedule.next_due(at, active))
         kernel.half_steps += 2 * (stop - at)
-        new_error, sums = problem.run(stop - at)
-        with torch.no_grad():
-            worst_log, smallest = torch.stack((sums.log().abs().amax(), sums.amin())).tolist()
+        new_error, worst_log, smallest = problem.run(stop - at)
         if not math.isfinite(worst_log) or smallest < kernel.full_precision:
             if careful and at == 0 and problem.restart_cold():  # a warm start too far off: from scratch
                 continue
@@ -353,6 +353,16 @@ def _arrays(*tensors: torch.Tensor | None) -> tuple[Any, tuple]:
             torch.get_num_threads() == 1 or kernel.numel() <= NUMPY_MAX_ENTRIES):
         return np, tuple(None if t is None else t.detach().numpy() for t in tensors)
     return torch, tensors
+
+
+def _range(xp, *sums) -> tuple[float, float]:
+    """(largest |log x|, smallest x) over the entries of ``sums`` (arrays of the module ``xp``):
+    what a check tests (nan where one is nan)."""
+    if xp is np:
+        return (float(np.max([np.abs(np.log(x)).max() for x in sums])), float(np.min([x.min() for x in sums])))
+    joined = torch.cat(sums, dim=-1)
+    worst_log, smallest = torch.stack((joined.log().abs().amax(), joined.amin())).tolist()
+    return worst_log, smallest
 
 
 def _tensors(*arrays) -> tuple[torch.Tensor, ...]:
