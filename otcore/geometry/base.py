@@ -223,7 +223,6 @@ class Geometry(ABC):
     def _replace(self, **fields) -> Self:
         new = copy.copy(self)
         new.__dict__.pop("_cost_range", None)
-        new.__dict__.pop("_dense", None)  # a PointCloud's stored costs
         new.__dict__.update(fields)
         return new
 

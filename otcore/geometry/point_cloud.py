@@ -148,17 +148,24 @@ class PointCloud(Geometry):
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)
         return pairwise_cost(src[:, rows].to(self.dtype), dst.to(self.dtype), self.cost)
 
-    def _stored(self, transpose: bool = False) -> CostMatrix | None:
+    def _stored(self, transpose: bool = False, rows: slice | None = None) -> CostMatrix | None:
         """The costs C (``transpose``: C^T, contiguous: reductions run along memory) as a
-        ``CostMatrix`` without gradient, computed at the first call and kept while the points are
-        unchanged (their version counters); None when not on the torch backend or when C and C^T
-        would take more than ``DENSE_COSTS_BYTES``. (``_replace`` drops them: other points.)"""
+        ``CostMatrix`` without gradient, computed in the second pass over the costs (a call with
+        ``rows`` from 0, or None) and kept while the points are unchanged (their version
+        counters); None before, when not on the torch backend, or when C and C^T would take more
+        than ``DENSE_COSTS_BYTES``. (``_replace`` drops them: other points.)"""
         B, n, m = self.shape
         if self.backend != "torch" or 2 * B * n * m * self.dtype.itemsize > DENSE_COSTS_BYTES:
             return None
         versions = (self.x._version, self.y._version)
         stored = self.__dict__.get("_dense")
         if stored is None or stored[0] != versions:
+            # kept from the second pass on (a pass starts at row 0): a cloud used for one pass (a
+            # block of a sharded geometry's ring, built afresh each time) recomputes its costs
+            if rows is None or not rows.start:
+                self._passes = self.__dict__.get("_passes", 0) + 1
+            if self.__dict__.get("_passes", 0) < 2:
+                return None
             C = torch.empty(B, n, m, dtype=self.dtype, device=self.device)
             with torch.no_grad():
                 for rows in blocked.row_blocks(n, m, B, blocked.block_elements(self.device)):
@@ -169,8 +176,15 @@ class PointCloud(Geometry):
             stored = self._dense = (versions, matrices)
         return stored[1][int(transpose)]
 
+    def _replace(self, **fields):
+        """As ``Geometry._replace``, without the stored costs of these points (``_stored``)."""
+        new = super()._replace(**fields)
+        new.__dict__.pop("_dense", None)
+        new.__dict__.pop("_passes", None)
+        return new
+
     def cost_block(self, rows, transpose=False):
-        stored = self._stored(transpose)
+        stored = self._stored(transpose, rows)
         return super().cost_block(rows, transpose) if stored is None else stored.C[:, rows]
 
     def cost_vjp(self, G, transpose, wanted):
@@ -201,7 +215,7 @@ class PointCloud(Geometry):
         return src, dst, POINT_COSTS[self.cost]
 
     def fill_scores(self, rows, buf, h, inv_eps, transpose):
-        stored = self._stored(transpose)
+        stored = self._stored(transpose, rows)
         if stored is not None:  # rows of C or of C^T
             return stored.fill_scores(rows, buf, h, inv_eps, False)
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)
