@@ -168,8 +168,8 @@ class PointCloud(Geometry):
                 return None
             C = torch.empty(B, n, m, dtype=self.dtype, device=self.device)
             with torch.no_grad():
-                for rows in blocked.row_blocks(n, m, B, blocked.block_elements(self.device)):
-                    C[:, rows] = self.cost_rows(rows)
+                for block in blocked.row_blocks(n, m, B, blocked.block_elements(self.device)):
+                    C[:, block] = self.cost_rows(block)
             symmetric = self.x is self.y  # a self-transport cloud (costs of a measure with itself)
             CT = C if symmetric else C.mT.contiguous()
             matrices = (CostMatrix(C, backend="torch", validate=False), CostMatrix(CT, backend="torch", validate=False))
