@@ -220,14 +220,13 @@ def divergence_and_potentials(
                            causes={"stopped on a non-finite iterate": outcome.failed})
 
     state = outcome.state if unroll else tuple(t.detach() for t in outcome.state)
-    if identical:
-        (p,) = state
-        g, px, py = p, p, p
+    if identical:  # the three terms are one dual value: S and its gradient are exactly 0
+        ot_xy = ot_xx = ot_yy = dual_value(geom, wa, wb, state[0], eps=eps, rho_a=rho, rho_b=rho)
     else:
         _, g, px, py = state  # the value needs g alone (f enters as the c-transform of g)
-    ot_xy = dual_value(geom, wa, wb, g, eps=eps, rho_a=rho, rho_b=rho)
-    ot_xx = dual_value(self_x, wa, wa, px, eps=eps, rho_a=rho, rho_b=rho)
-    ot_yy = dual_value(self_y, wb, wb, py, eps=eps, rho_a=rho, rho_b=rho)
+        ot_xy = dual_value(geom, wa, wb, g, eps=eps, rho_a=rho, rho_b=rho)
+        ot_xx = dual_value(self_x, wa, wa, px, eps=eps, rho_a=rho, rho_b=rho)
+        ot_yy = dual_value(self_y, wb, wb, py, eps=eps, rho_a=rho, rho_b=rho)
     value = ot_xy - 0.5 * ot_xx - 0.5 * ot_yy
     if not math.isinf(rho):
         value = value + 0.5 * eps * (geom.total(wa, 0) - geom.total(wb, 1)) ** 2
