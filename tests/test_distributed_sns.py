@@ -1,16 +1,19 @@
 """otcore.sns on sharded point clouds over 2 and 3 gloo processes (uneven shards) against one
-process on the whole problem (float64): RowSharded with the Hessian-free Newton systems
-("dense") and the sparsified Hessian assembled from each rank's rows of the plan ("sparse"),
-BothSharded with "dense". Checked: the value on every rank, the f and g shards up to one gauge
-common to every rank, the Newton iteration count, the implicit gradient in each rank's points;
-"auto" choosing by the whole problem's sizes; the Hessians no rank holds refused on every rank."""
+process on the whole problem (float64): RowSharded and BothSharded with the Hessian-free Newton
+systems ("dense") and the sparsified Hessian ("sparse": RowSharded assembles it from each rank's
+rows of the plan, BothSharded from each rank's blocks against the column shards passing around
+its ring). Checked: the value on every rank, the f and g shards up to one gauge common to every
+rank, the Newton iteration count, the implicit gradient in each rank's points, and for
+BothSharded "sparse" the products with its kept plan against the one process's thresholded
+plan; "auto" choosing by the whole problem's sizes; the Hessian no rank holds refused on every
+rank."""
 
 import os
 import sys
 
 import pytest
 import torch
-from conftest import run_gloo, shard_slice
+from conftest import run_gloo, shard_slice, sqdist
 
 import otcore
 import otcore.distributed
@@ -34,7 +37,24 @@ def _problem(world):
     y = torch.randn(sum(cols), 2, generator=g, dtype=torch.float64) + 0.5
     a = torch.rand(sum(rows), generator=g, dtype=torch.float64) + 0.5
     b = torch.rand(sum(cols), generator=g, dtype=torch.float64) + 0.5
-    return {"x": x, "y": y, "a": a / a.sum(), "b": b / b.sum()}
+    p = {"x": x, "y": y, "a": a / a.sum(), "b": b / b.sum()}
+    # BothSharded's kept plan, batched (B = 2: its block-diagonal layout): other clouds and
+    # potentials, vectors on both sides, and per problem a threshold halfway between two entries
+    # of the plan (P by explicit differences), so that both plans keep the same entries
+    p["xb"], p["yb"] = torch.stack([x, 1.5 * x.flip(0)]), torch.stack([y, 0.5 * y])
+    n, m = sum(rows), sum(cols)
+    for name, k in (("fb", n), ("gb", m), ("u", n), ("v", m)):
+        p[name] = torch.randn(2, k, generator=g, dtype=torch.float64)
+    plan = _plan(p)
+    middle = plan.flatten(1).sort(dim=1).values[:, n * m // 2 - 1: n * m // 2 + 1]
+    p["drop"] = middle.mean(dim=1)
+    return p
+
+
+def _plan(p):
+    """The batched plan a_i b_j exp((f_i + g_j - C_ij)/eps) of the kept-plan check (B, n, m)."""
+    logits = (p["fb"][:, :, None] + p["gb"][:, None, :] - sqdist(p["xb"], p["yb"])) / OPTIONS["eps"]
+    return p["a"][:, None] * p["b"][None, :] * torch.exp(logits)
 
 
 def _solve(geom_of, x, y, a, b, hessian):
@@ -69,22 +89,53 @@ def _auto_choices(problems, direct_max):
     return chosen
 
 
+def _kept_products(p, r, c):
+    """(P v, P^T u) with this rank's shards of the batched plan of ``_plan`` (entries below ``drop``
+    dropped): its rows of P v, its columns of P^T u."""
+    geom = otcore.distributed.BothSharded(p["xb"][:, r], p["yb"][:, c])
+    a, b = p["a"][r].expand(2, -1), p["b"][c].expand(2, -1)
+    plan = geom.kept_plan(a, b, p["fb"][:, r], p["gb"][:, c], OPTIONS["eps"], p["drop"])
+    return plan.matmul(p["v"][:, c]), plan.matmul(p["u"][:, r], transpose=True)
+
+
+def _both_sparse(x, y, a, b):
+    """``_solve`` of BothSharded with "sparse", with the share of the entries of its blocks of P
+    that its kept blocks held, over every Newton step."""
+    module = sys.modules["otcore.distributed.both_sharded"]
+    original, counts = module.kept_entries, [0, 0]
+
+    def recording(chunks, drop):
+        K, KT = original(chunks, drop)
+        counts[0] += K.values().numel()
+        counts[1] += K.shape[0] * K.shape[1]  # one problem: the block's entries
+        return K, KT
+
+    module.kept_entries = recording
+    try:
+        out = _solve(otcore.distributed.BothSharded, x, y, a, b, "sparse")
+    finally:
+        module.kept_entries = original
+    return {**out, "kept_share": counts[0] / counts[1]}
+
+
 def _worker(rank, world, p, path):
     rows, cols = SIZES[world]
     r, c = shard_slice(rows, rank), shard_slice(cols, rank)
     x, y, a, b = p["x"][r], p["y"], p["a"][r], p["b"]
     out = {"row_" + h: _solve(_row_sharded, x, y, a, b, h) for h in ("dense", "sparse")}
     out["both_dense"] = _solve(otcore.distributed.BothSharded, x, y[c], a, b[c], "dense")
+    out["both_sparse"] = _both_sparse(x, y[c], a, b[c])
+    out["kept_products"] = _kept_products(p, r, c)
     row, both = (_row_sharded(x, y), a, b), (otcore.distributed.BothSharded(x, y[c]), a, b[c])
-    # "auto" by the whole problem's n m min(n, m): a bound just below it (sparse) and at it (direct:
-    # dense on shards); each rank's own sizes would give direct, hence dense, in both cases
+    # "auto" by the whole problem's n m min(n, m): a bound just below it (sparse, on both geometries)
+    # and at it (direct: dense on shards); each rank's own sizes would give direct, hence dense, in both cases
     n, m = sum(rows), sum(cols)
     work = n * m * min(n, m)
     out["auto"] = [_auto_choices([row, both], direct_max) for direct_max in (work - 1, work)]
     errors = []
-    for (geom, a_k, b_k), hessian in ((row, "direct"), (both, "direct"), (both, "sparse")):
+    for geom, a_k, b_k in (row, both):
         try:
-            otcore.sns(geom, a_k, b_k, hessian=hessian, **OPTIONS)
+            otcore.sns(geom, a_k, b_k, hessian="direct", **OPTIONS)
         except ValueError as e:
             errors.append(str(e))
     out["errors"] = errors
@@ -100,7 +151,8 @@ def test_sharded_sns_matches_one_process(world, tmp_path, monkeypatch):
     rows, cols = SIZES[world]
     ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in range(world)]
     wholes = {h: _solve(PointCloud, p["x"], p["y"], p["a"], p["b"], h) for h in ("dense", "sparse")}
-    for kind, hessian in (("row_dense", "dense"), ("row_sparse", "sparse"), ("both_dense", "dense")):
+    for kind in ("row_dense", "row_sparse", "both_dense", "both_sparse"):
+        hessian = kind.split("_")[1]
         whole = wholes[hessian]
         assert whole["converged"]
         column = (lambda k: slice(None)) if kind.startswith("row") else (lambda k: shard_slice(cols, k))
@@ -120,10 +172,19 @@ def test_sharded_sns_matches_one_process(world, tmp_path, monkeypatch):
             # y: whole on every rank (RowSharded replicates it), else this rank's shard
             torch.testing.assert_close(got["grad_y"], whole["grad_y"][column(k)], **CLOSE,
                                        msg=lambda s, q=kind: f"{q} grad y: {s}")
-    for out in ranks:
-        # [RowSharded, BothSharded] under each bound: sparse only on RowSharded below the whole size
-        assert out["auto"] == [[True, False], [False, False]]
-        direct_row, direct_both, sparse_both = out["errors"]
+    plan = _plan(p)
+    kept = torch.where(plan >= p["drop"][:, None, None], plan, 0)
+    assert 0 < int((kept > 0).sum()) < kept.numel()
+    for k, out in enumerate(ranks):
+        # BothSharded's Newton steps dropped most of its entries of P (they keep about 18 % here)
+        assert 0 < out["both_sparse"]["kept_share"] < 0.5
+        # the products of each rank's kept blocks against the whole thresholded plan's
+        rows_v, columns_u = out["kept_products"]
+        torch.testing.assert_close(rows_v, (kept @ p["v"][..., None])[:, shard_slice(rows, k), 0], rtol=1e-10, atol=0)
+        torch.testing.assert_close(columns_u, (kept.mT @ p["u"][..., None])[:, shard_slice(cols, k), 0], rtol=1e-10,
+                                   atol=0)
+        # [RowSharded, BothSharded] under each bound: sparse on both below the whole size, else dense
+        assert out["auto"] == [[True, True], [False, False]]
+        direct_row, direct_both = out["errors"]
         assert "hessian='direct'" in direct_row and "hessian='sparse'" in direct_row
         assert "hessian='direct'" in direct_both
-        assert "BothSharded" in sparse_both and "hessian='dense'" in sparse_both

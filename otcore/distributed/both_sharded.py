@@ -10,15 +10,19 @@ reduction over points goes through the geometry:
   (``ring``), each block's ``PointCloud`` softmin against x_r combined by a streaming
   log-sum-exp; ``softmin(axis=0)`` (the g-update) the same with the row shards (x_j, f_j, a_j);
 * ``kernel_apply`` and ``kernel_cost`` (plan products, transport cost): the same ring, summed;
+* ``kept_plan`` (``sns``'s sparsified Hessian): the entries of this rank's rows of the plan
+  above a threshold, kept as one sparse block per column shard as the shards pass around the
+  ring; its products pass the vector's shards around the ring (``sparse_plan``);
 * ``total`` (masses, marginal errors, the dual value, conjugate-gradient dot products): an
   all-reduce of the local sums, over either axis;
 * ``cost_range``, ``max_cost``, ``mean_cost``: all-reduces of the clouds' extent, or a ring of
   the column shards.
 
-Memory is O((n + m)/P) per rank, gradients included (the ring's backward recomputes each block);
-no rank ever holds the whole of x or y. Every replicated output (the value, errors, totals) is
-the same on every rank, so every rank takes the same branches and iteration count; backward on
-the replicated ``value`` gives each rank the gradients of its own shards (x_r, y_r, a_r, b_r).
+Memory is O((n + m)/P) per rank, gradients included (the ring's backward recomputes each
+block), plus the entries ``kept_plan`` keeps; no rank ever holds the whole of x or y. Every
+replicated output (the value, errors, totals) is the same on every rank, so every rank takes
+the same branches and iteration count; backward on the replicated ``value`` gives each rank the
+gradients of its own shards (x_r, y_r, a_r, b_r).
 
 References:
     Liu, Zaharia, Abbeel, "Ring attention with blockwise transformers for near-infinite
@@ -36,13 +40,16 @@ import torch
 import torch.distributed as dist
 
 from otcore._precision import HALF
+from otcore.core.plan import EntropicPlan
 from otcore.distributed.collectives import all_reduce, all_reduce_sum, check_group, gather_descriptors
 from otcore.distributed.ring import Ring, RingOp, ring_reduce
 from otcore.distributed.row_sharded import _BACKENDS, _CALLABLE_COST, _DTYPES, _NAMED_COSTS
 from otcore.distributed.sharded import ShardedGeometry
+from otcore.distributed.sparse_plan import RingSparsePlan, kept_entries
 from otcore.geometry import Geometry, PointCloud
 from otcore.geometry.backends import torch_blocked
 from otcore.geometry.base import _row_ends, _row_sums
+from otcore.kernels.softmin import blocked
 
 # what every rank's point cloud must agree on, in the order of ``_descriptor`` (after the
 # validity flag, and before the numbers of points n_local, m_local, which may differ)
@@ -102,8 +109,9 @@ class BothSharded(ShardedGeometry):
     Every rank must call the same solver with the same arguments apart from its shards (eps,
     tol, the same ``requires_grad`` flags), with its shards of the weights (``a=None``: 1/n over
     every rank's points, as for one process). ``sinkhorn`` (log domain), ``sinkhorn_divergence``
-    and ``sns`` (Hessian-free) run on it; the scaling domain and the solvers that need whole rows
-    of the cost refuse it; ``materialize`` and
+    and ``sns`` (Hessian-free, or with the sparsified Hessian: each rank's kept entries of its
+    rows of P, assembled block by block around the ring, ``kept_plan``) run on it; the scaling
+    domain and the solvers that need whole rows of the cost refuse it; ``materialize`` and
     ``result.plan`` raise (no rank holds a whole row of C). ``BothSharded.total(t, axis)`` is the
     differentiable all-reduce to use for a loss on the local potentials.
 
@@ -266,6 +274,25 @@ class BothSharded(ShardedGeometry):
             return block_of(points, others).kernel_cost(row_potential, potential, eps, w, a)
 
         return ring_reduce(RingOp(ring, block, 3), (here, f, row_weights), (travelling, g, weights))
+
+    def kept_plan(self, a, b, f, g, eps, drop) -> RingSparsePlan:
+        """This rank's rows of the plan ``P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps)`` against every
+        rank's columns, its entries below ``drop`` (B,) dropped (``sns``'s sparsified Hessian), as
+        an operator whose products pass shards around the ring (``sparse_plan``). The column
+        shards (y_j, g_j, b_j) pass around the ring once; each block is computed in chunks of rows
+        (B, rows, m_j) and only its kept entries stay. a, f (B, n_local); b, g (B, m_local). No grad."""
+        x, y = (t.detach() for t in self.inner.tensors)
+        B, n, _ = self.shape
+        ring = self.columns
+        blocks = {}
+        with torch.no_grad():
+            for step, shard in enumerate(ring.blocks((y, g, b))):
+                y_j, g_j, b_j = cast(list[torch.Tensor], shard)
+                block = self.inner.with_tensors(x, y_j)
+                chunks = (EntropicPlan(block.restricted(rows), a[:, rows], b_j, f[:, rows], g_j, eps).dense()
+                          for rows in blocked.row_blocks(n, y_j.shape[1], B, blocked.block_elements(x.device)))
+                blocks[ring.source(step)] = kept_entries(chunks, drop)
+        return RingSparsePlan(ring, [blocks[j] for j in range(ring.world)])
 
     def max_cost(self) -> torch.Tensor:
         """Largest |C_ij| over every pair (B,)."""

@@ -6,7 +6,9 @@ potential, weights, vectors, all indexed by point along dim 1) and one shard of 
 around the ring (rank r receives from r - 1 and sends to r + 1, P - 1 shifts), and the transfer
 of the next shard is posted before the current one is computed on, so communication overlaps
 compute. Every block's result (B, n_local, ...) is combined into the output: a sum (plan
-products) or a stable log-sum-exp (the softmin).
+products) or a stable log-sum-exp (the softmin). ``Ring.reduce_scatter`` runs the other way
+round: each rank has a contribution to every rank's shard, and accumulators travel around the
+ring, each rank adding its part, until each reaches its owner.
 
 Memory is O((n + m)/P) per rank in forward and backward alike: ``RingReduce`` saves only the
 rank's own shards and output, and its backward passes the travelling shards around the ring once
@@ -89,6 +91,21 @@ class Ring:
             yield current
             if pending is not None:
                 current = pending()
+
+    def reduce_scatter(self, part: Callable[[int], torch.Tensor], tag: int = _SHARD_TAG) -> torch.Tensor:
+        """``sum_r part_r(self.rank)``: every rank's contribution to this rank's shard, where
+        ``part(j)`` is this rank's contribution to rank j's (B, ``sizes[j]``, ...).
+
+        The accumulator of rank j starts at rank j + 1 and travels right, each rank adding its
+        part, and reaches j after P - 1 shifts (a ring reduce-scatter: one shard's worth of
+        data per shift). Each part is computed while the accumulator it joins is in flight."""
+        total = part(self.source(1))
+        for step in range(1, self.world):
+            # what arrives next belongs to rank - step - 1 (sized as its shard)
+            pending = self.shift([total], self.source(step + 1), tag)
+            mine = part(self.source(step + 1))
+            total = cast(torch.Tensor, pending()[0]) + mine
+        return total
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,9 @@ class _DualState:
 
     ``hessian="sparse"`` materialises P (B, n, m) once per evaluation (dense costs, or points
     with n x m memory; on ``RowSharded`` this rank's rows, the column sums all-reduced through
-    ``Geometry.sum_partials``); ``"dense"`` never does and multiplies by P through the geometry.
+    ``Geometry.sum_partials``); ``"dense"`` never does and multiplies by P through the geometry,
+    as ``"sparse"`` does on a geometry holding no whole rows (``BothSharded``: ``C`` None, its
+    kept entries of P assembled for each Newton step by ``_kept_plan``).
     """
 
     def __init__(self, geom, C, a, b, f, g, eps):
@@ -73,25 +75,13 @@ def newton_direction(state, geom, a, b, eps, shift, drop, *, rtol, max_iter):
     Args:
         state: a ``_DualState``.
         shift: (B,) Tikhonov shift lam.
-        drop: (B,) entries of P below ``drop`` leave the off-diagonal blocks (0: exact Hessian).
+        drop: (B,) entries of P below ``drop`` leave the off-diagonal blocks (0: exact Hessian);
+            None: the Hessian-free products (each a pass over the geometry, ``hessian="dense"``).
     """
     n = a.shape[-1]
     lam = shift.unsqueeze(-1)
-    if state.P is not None:
-        kept = torch.where(state.P >= drop[:, None, None], state.P, 0)
-        if kept.device.type == "cpu":  # sparse products pay on CPU; GPUs keep the masked dense block
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                rows = [k.to_sparse_csr() for k in kept]
-                cols = [k.T.contiguous().to_sparse_csr() for k in kept]
-
-        def matmul(v, transpose):  # v (B, k)
-            if kept.device.type != "cpu":
-                out = torch.matmul(kept.mT if transpose else kept, v.unsqueeze(-1)).squeeze(-1)
-            else:
-                out = torch.stack([blk @ vk for blk, vk in zip(cols if transpose else rows, v)])
-            # P^T y sums over the rows: this rank's part of it, on a geometry sharded by rows
-            return geom.sum_partials(out, 0) if transpose else out
+    if drop is not None:
+        matmul = _kept_plan(state, geom, a, b, eps, drop)
     else:
         plan = EntropicPlan(geom, a, b, state.f, state.g, eps)
 
@@ -109,6 +99,30 @@ def newton_direction(state, geom, a, b, eps, shift, drop, *, rtol, max_iter):
     direction, _ = conjugate_gradient(matvec, state.grad, rtol=rtol, max_iter=max_iter, diagonal=diagonal,
                                       inner=geom.pair_dot)
     return direction, matvec
+
+
+def _kept_plan(state, geom, a, b, eps, drop):
+    """``matmul(v, transpose)``: products with the plan at ``state``, its entries below ``drop``
+    (B,) zeroed: ``P v``, v (B, m) -> (B, n), or ``P^T v``, v (B, n) -> (B, m), these being this
+    rank's shards on a sharded geometry (the products summed over every rank's points)."""
+    if not geom.holds_rows:  # no whole rows of P here (BothSharded): its kept blocks, assembled around its ring
+        return geom.kept_plan(a, b, state.f, state.g, eps, drop).matmul
+    kept = torch.where(state.P >= drop[:, None, None], state.P, 0)
+    if kept.device.type == "cpu":  # sparse products pay on CPU; GPUs keep the masked dense block
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            rows = [k.to_sparse_csr() for k in kept]
+            cols = [k.T.contiguous().to_sparse_csr() for k in kept]
+
+    def matmul(v, transpose):  # v (B, k)
+        if kept.device.type != "cpu":
+            out = torch.matmul(kept.mT if transpose else kept, v.unsqueeze(-1)).squeeze(-1)
+        else:
+            out = torch.stack([blk @ vk for blk, vk in zip(cols if transpose else rows, v)])
+        # P^T y sums over the rows: this rank's part of it, on a geometry sharded by rows
+        return geom.sum_partials(out, 0) if transpose else out
+
+    return matmul
 
 
 def sns(
@@ -150,12 +164,17 @@ def sns(
             ``"dense"`` (Hessian-free CG: every product is a pass over the geometry, O(n + m)
             memory; suits GPUs and point clouds) or ``"auto"`` (``"direct"`` when
             n m min(n, m) <= ``DIRECT_MAX``, else ``"sparse"``). On a geometry sharded across
-            processes (``otcore.distributed``) CG's dot products are reductions across the ranks;
-            ``"sparse"`` runs on ``RowSharded`` (each rank materialises its rows of P, (n_local, m),
-            drops entries below the same global threshold, and all-reduces P^T y), ``"dense"``
-            on both sharded geometries (its products are ring or all-reduce passes), and
-            ``"direct"`` on neither; ``"auto"`` takes ``"sparse"`` where one process on the
-            whole problem (every rank's n and m) would, else ``"dense"``.
+            processes (``otcore.distributed``) CG's dot products are reductions across the ranks,
+            and every rank drops entries below the same threshold as one process on the whole
+            problem; ``"sparse"`` runs on ``RowSharded`` (each rank materialises its rows of P,
+            (n_local, m), and all-reduces P^T y) and on ``BothSharded`` (each rank keeps its
+            rows' entries against each rank's columns as a sparse block, computed in chunks of
+            rows as the column shards pass around the ring, never a dense (n_local, m_j) block:
+            O(nnz_local + (n + m)/P) memory; P x passes x's shards around the ring and P^T y
+            reduce-scatters around it, ``otcore.distributed.sparse_plan``), ``"dense"`` on both
+            (its products are ring or all-reduce passes), and ``"direct"`` on neither;
+            ``"auto"`` takes ``"sparse"`` where one process on the whole problem (every rank's n
+            and m) would, else ``"dense"``.
         grad: ``"implicit"`` or ``"envelope"`` as in ``sinkhorn`` (the fixed point is the same;
             ``"unroll"`` is not offered: CG and sparsification are not differentiated).
         cg_rtol: inner conjugate-gradient setting of the Newton steps: the smallest relative
@@ -181,10 +200,7 @@ def sns(
     geom, a, b = problem.geom, problem.a, problem.b
     if geom.sharded and hessian == "direct":
         raise ValueError("hessian='direct' factors the whole Hessian, which no rank of a geometry sharded across "
-                         "processes holds: use hessian='sparse' (RowSharded), 'dense' or 'auto'")
-    if hessian == "sparse" and not geom.holds_rows:
-        raise ValueError("hessian='sparse' materialises this rank's rows of the plan against every column, which a "
-                         "geometry sharded by columns too (BothSharded) does not hold: use hessian='dense' (or 'auto')")
+                         "processes holds: use hessian='sparse', 'dense' or 'auto'")
     tol = check_tol(default_tol(geom.dtype) if tol is None else tol)
     cg_rtol = default_rtol(geom.dtype) if cg_rtol is None else check_positive("cg_rtol", cg_rtol)
 
@@ -233,22 +249,27 @@ def sns(
 
 
 def _auto_hessian(geom, a, b) -> str:
-    """``hessian="auto"``: one process's choice by the whole problem's sizes (every rank's n and m
-    on a sharded geometry, each count one all-reduce), or ``"dense"`` where no rank holds what
-    that choice needs (the Hessian for ``"direct"``, whole rows of P for ``"sparse"``)."""
+    """``hessian="auto"``: one process's choice by the whole problem's sizes (``_whole_sizes``),
+    or ``"dense"`` where it is ``"direct"`` on a sharded geometry (no rank holds the Hessian)."""
+    n, m = _whole_sizes(geom, a, b)
+    choice = "direct" if n * m * min(n, m) <= DIRECT_MAX else "sparse"
+    return "dense" if geom.sharded and choice == "direct" else choice
+
+
+def _whole_sizes(geom, a, b) -> tuple[int, int]:
+    """(n, m) of the whole problem: on a sharded geometry every rank's points (each count one all-reduce)."""
     _, n, m = geom.shape
     if geom.sharded:
         n, m = (int(geom.total(torch.ones_like(w[:1], dtype=torch.int64), axis)) for axis, w in ((0, a), (1, b)))
-    choice = "direct" if n * m * min(n, m) <= DIRECT_MAX else "sparse"
-    if geom.sharded and (choice == "direct" or not geom.holds_rows):
-        return "dense"
-    return choice
+    return n, m
 
 
 def _iterative_newton(geom, a, b, f, g, eps, *, tol, max_iter, sparse, cg_rtol, cg_max_iter):
     """Newton steps solved by conjugate gradient (``hessian`` "sparse" or "dense"): (f, g, error, iterations)."""
-    C = geom.materialize().detach() if sparse else None
-    B, n, m = geom.shape
+    # this rank's rows of C, where it holds whole rows (BothSharded assembles its blocks of P around its ring)
+    C = geom.materialize().detach() if sparse and geom.holds_rows else None
+    B, n, _ = geom.shape
+    _, m = _whole_sizes(geom, a, b)  # the drop threshold is the whole problem's
     state = _DualState(geom, C, a, b, f, g, eps)
     mu = torch.ones(B, dtype=geom.dtype, device=geom.device)
     active = state.error > tol
@@ -259,7 +280,7 @@ def _iterative_newton(geom, a, b, f, g, eps, *, tol, max_iter, sparse, cg_rtol, 
         norm = geom.pair_dot(state.grad, state.grad).sqrt()
         # inexact Newton: the forcing term min(0.1, sqrt|grad|) keeps superlinear convergence
         forcing = max(cg_rtol, min(0.1, math.sqrt(float(norm[active].max()))))
-        d, matvec = newton_direction(state, geom, a, b, eps, mu * norm, NU * norm / m,
+        d, matvec = newton_direction(state, geom, a, b, eps, mu * norm, NU * norm / m if sparse else None,
                                      rtol=forcing, max_iter=cg_max_iter)
         noise = 64 * torch.finfo(geom.dtype).eps * (state.value.abs() + eps)
         slope = geom.pair_dot(state.grad, d)
