@@ -64,14 +64,15 @@ def weighted_lse(s: torch.Tensor, w: torch.Tensor | None, dim: int = -1) -> torc
         w: non-negative weights broadcastable to ``s`` (None = all ones).
         dim: reduced dimension.
     """
-    if w is None:
-        return torch.logsumexp(s, dim=dim)
-    w = w.to(s.dtype)
+    w = None if w is None else w.to(s.dtype)
     with torch.no_grad():
-        shift = torch.where(w > 0, s, float("-inf")).amax(dim=dim, keepdim=True)
+        shift = (s if w is None else torch.where(w > 0, s, float("-inf"))).amax(dim=dim, keepdim=True)
         shift = torch.nan_to_num(shift, neginf=0.0)
-    e = torch.exp((s - shift).clamp(max=EXP_CEIL))
-    return torch.log((e * w).sum(dim=dim)) + shift.squeeze(dim)
+    # exponents below -EXP_FLOOR give exact zeros (lost next to the row's largest term, 1): an
+    # exponential that underflows takes a slow path, 10 to 40 times slower on a CPU
+    x = s - shift
+    e = torch.exp(x.clamp(min=-EXP_FLOOR, max=EXP_CEIL)) * (x > -EXP_FLOOR)
+    return torch.log((e if w is None else e * w).sum(dim=dim)) + shift.squeeze(dim)
 
 
 def centred_lse(s: torch.Tensor, w: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
