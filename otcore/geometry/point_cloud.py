@@ -148,12 +148,14 @@ class PointCloud(Geometry):
         src, dst = (self.y, self.x) if transpose else (self.x, self.y)
         return pairwise_cost(src[:, rows].to(self.dtype), dst.to(self.dtype), self.cost)
 
-    def _stored(self, transpose: bool = False, rows: slice | None = None) -> CostMatrix | None:
+    def _stored(self, transpose: bool = False, rows: slice | None = None, *,
+                now: bool = False) -> CostMatrix | None:
         """The costs C (``transpose``: C^T, contiguous: reductions run along memory) as a
-        ``CostMatrix`` without gradient, computed in the second pass over the costs (a call with
-        ``rows`` from 0, or None) and kept while the points are unchanged (their version
-        counters); None before, when not on the torch backend, or when C and C^T would take more
-        than ``DENSE_COSTS_BYTES``. (``_replace`` drops them: other points.)"""
+        ``CostMatrix`` without gradient, kept while the points are unchanged (their version
+        counters); None when not on the torch backend, when C and C^T would take more than
+        ``DENSE_COSTS_BYTES``, or before the second pass over the costs (a call with ``rows``
+        from 0, or None) unless ``now``. C^T is made at its first use. (``_replace`` drops them:
+        other points.)"""
         B, n, m = self.shape
         if self.backend != "torch" or 2 * B * n * m * self.dtype.itemsize > DENSE_COSTS_BYTES:
             return None
@@ -164,17 +166,21 @@ class PointCloud(Geometry):
             # block of a sharded geometry's ring, built afresh each time) recomputes its costs
             if rows is None or not rows.start:
                 self._passes = self.__dict__.get("_passes", 0) + 1
-            if self.__dict__.get("_passes", 0) < 2:
+            if not now and self.__dict__.get("_passes", 0) < 2:
                 return None
             C = torch.empty(B, n, m, dtype=self.dtype, device=self.device)
             with torch.no_grad():
                 for block in blocked.row_blocks(n, m, B, blocked.block_elements(self.device)):
                     C[:, block] = self.cost_rows(block)
+            later: list[CostMatrix] = []  # C^T, once made
+            stored = self._dense = (versions, CostMatrix(C, backend="torch", validate=False), later)
+        _, costs, later = stored
+        if not transpose:
+            return costs
+        if not later:
             symmetric = self.x is self.y  # a self-transport cloud (costs of a measure with itself)
-            CT = C if symmetric else C.mT.contiguous()
-            matrices = (CostMatrix(C, backend="torch", validate=False), CostMatrix(CT, backend="torch", validate=False))
-            stored = self._dense = (versions, matrices)
-        return stored[1][int(transpose)]
+            later.append(costs if symmetric else CostMatrix(costs.C.mT.contiguous(), backend="torch", validate=False))
+        return later[0]
 
     def _replace(self, **fields):
         """As ``Geometry._replace``, without the stored costs of these points (``_stored``)."""
@@ -202,9 +208,9 @@ class PointCloud(Geometry):
         return tuple(grad if need else None for grad, need in zip(grads, wanted, strict=True))
 
     def materialize(self):
-        """As ``Geometry.materialize``; the stored costs (``DENSE_COSTS_BYTES``) when no gradient
-        is recorded."""
-        stored = None if self.needs_grad() else self._stored()
+        """As ``Geometry.materialize``; without gradients, the stored costs (``DENSE_COSTS_BYTES``),
+        kept from this call on (the whole matrix is computed anyway)."""
+        stored = None if self.needs_grad() else self._stored(now=True)
         return super().materialize() if stored is None else stored.C
 
     def restricted(self, rows, transpose=False):
