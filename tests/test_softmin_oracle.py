@@ -120,3 +120,25 @@ def test_blocked_path_with_many_blocks_matches_the_oracle(gen, monkeypatch):
     xr = x.clone().requires_grad_()
     got = PointCloud(xr, y, backend="torch").softmin(h, 0.1, w)
     torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_weighted_lse_drops_underflowing_terms_exactly(gen, weighted):
+    """``blocked.weighted_lse`` over scores spread across 300 units (most terms underflow, which it
+    zeroes rather than exponentiating) against float64 logsumexp: equal to rounding, a row of
+    -inf scores stays -inf, and the gradient matches autograd's of the reference."""
+    from otcore.kernels.softmin import blocked
+
+    s = (-300.0 * torch.rand(4, 50, generator=gen, dtype=torch.float32)).requires_grad_()
+    with torch.no_grad():
+        s[:, 7] = 0.0  # each row's largest term
+    w = simplex(50, gen).float()[None].expand(4, 50) if weighted else None
+    ref_s = s.detach().double().requires_grad_()
+    ref = torch.logsumexp(ref_s + (0.0 if w is None else w.double().log()), dim=-1)
+    out = blocked.weighted_lse(s, w)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad(out.sum(), s)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), ref_s)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-30)
+    empty = blocked.weighted_lse(torch.full((1, 5), float("-inf")), None if w is None else w[:1, :5])
+    assert bool(torch.isneginf(empty).all())

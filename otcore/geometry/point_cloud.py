@@ -15,8 +15,8 @@ from otcore.kernels.softmin import blocked
 
 #: Most memory (bytes) that a ``PointCloud`` on the torch backend spends on keeping its costs C
 #: and C^T (2 B n m entries of the compute dtype), computed once, for its passes without
-#: gradients; larger clouds recompute their costs block by block in every pass. Set it in your program to change it (0:
-#: always recompute).
+#: gradients; larger clouds recompute their costs block by block in every pass. Set it in your
+#: program to change it (0: always recompute).
 DENSE_COSTS_BYTES = 2**26
 
 
@@ -44,10 +44,11 @@ class PointCloud(Geometry):
 
     Memory is O((n + m) d + block * m): the softmin and plan products recompute the costs of one
     block of rows at a time (and again in the backward pass). Below ``DENSE_COSTS_BYTES``
-    (64 MiB for C and C^T) the torch backend computes the n x m costs once instead, at the first pass that
-    needs them, and reads them in every pass without gradients (a log-sum-exp over a stored
-    matrix is about 3 times faster than one that recomputes the costs); backward passes still
-    recompute theirs from the points.
+    (64 MiB for C and C^T) the torch backend computes the n x m costs once instead (at its
+    second pass over them, or when a solver materialises them; C^T at its first use) and reads
+    them in every pass without gradients (a softmin over a stored matrix takes about half the
+    time of one that recomputes the costs); gradients still reach the points through the costs'
+    formula.
 
     Args:
         x: source points.
