@@ -142,3 +142,31 @@ def test_weighted_lse_drops_underflowing_terms_exactly(gen, weighted):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-30)
     empty = blocked.weighted_lse(torch.full((1, 5), float("-inf")), None if w is None else w[:1, :5])
     assert bool(torch.isneginf(empty).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("weights", ["none", "positive", "with_zeros"])
+def test_block_softmin_grad_is_autograd_of_block_softmin(gen, dtype, weights):
+    """``blocked.block_softmin_grad`` (closed form) against autograd through ``block_softmin``, in
+    h, w and the costs, at a small eps where many terms underflow, with zero weights whose
+    exponents lie above the row's largest kept one."""
+    from otcore.kernels.softmin import blocked
+
+    cost = _rand((2, 30, 40), gen).abs().to(dtype)
+    h = _rand((2, 40), gen).to(dtype)
+    w = None if weights == "none" else _weights(2, 40, gen).to(dtype)
+    if weights == "with_zeros":
+        w[:, :5] = 0.0
+        h[:, :5] += 5.0  # the zero-weight columns hold the largest scores: clamped at EXP_CEIL
+    eps, grad_out = 0.02, _rand((2, 30), gen).to(dtype)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (cost, h, w)]
+    out = blocked.block_softmin(leaves[0], leaves[1], leaves[2], eps)
+    wanted = [t for t in leaves if t is not None]
+    expected = dict(zip(("cost", "h", "w"), torch.autograd.grad(out, wanted, grad_out), strict=False))
+    grad_h, grad_w, grad_cost = blocked.block_softmin_grad(cost, h, w, grad_out, eps, (True, w is not None, True))
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, got in (("cost", grad_cost), ("h", grad_h), ("w", grad_w)):
+        if name in expected:
+            want = expected[name]
+            torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()), msg=name)
+    assert grad_w is None or weights != "none"

@@ -38,17 +38,16 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
     B = C.shape[0]
     plans, fs, gs, costs, ok = [], [], [], [], []
     for k in range(B):
-        ak = a[k].detach().cpu().double().numpy()
-        bk = b[k].detach().cpu().double().numpy()
-        bk = bk * (ak.sum() / bk.sum())  # equal to the last bit, as the simplex requires
-        Ck = np.ascontiguousarray(C[k].detach().cpu().double().numpy())
-        # equal masses were checked by prepare_problem (POT's own check costs an assert_almost_equal)
-        G, log = ot.emd(ak, bk, Ck, numItermax=max_iter, log=True, check_marginals=False)
+        # float64 on the host; ot.emd rescales b to a's mass to the last bit (prepare_problem
+        # checked that they agree), and POT's own check costs an assert_almost_equal
+        ak, bk, Ck = (t[k].detach().cpu().double().numpy() for t in (a, b, C))
+        G, log = ot.emd(ak, bk, np.ascontiguousarray(Ck), numItermax=max_iter, log=True, check_marginals=False)
         plans.append(G)
         fs.append(log["u"])
         gs.append(log["v"])
         costs.append(log["cost"])
         ok.append(log["result_code"] == 1)
+
     def like(array) -> torch.Tensor:
         return torch.as_tensor(array, dtype=C.dtype, device=C.device)
 
@@ -56,11 +55,13 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
     f = like(np.stack(fs))
     g = like(np.stack(gs))
     # <P*, C> with the optimal plan held fixed (the simplex's own sum when C needs no gradient),
-    # plus first-order terms in the weights (duals)
-    cost = (plan * C).sum((-2, -1)) if C.requires_grad else like(costs)
-    value = cost + ((a - a.detach()) * f).sum(-1) + ((b - b.detach()) * g).sum(-1)
+    # plus first-order terms in the weights (duals) where they need a gradient
+    value = (plan * C).sum((-2, -1)) if C.requires_grad else like(costs)
+    for w, dual in ((a, f), (b, g)):
+        if w.requires_grad:
+            value = value + ((w - w.detach()) * dual).sum(-1)
     overflow = problem.output_overflow(f, g, value)
-    converged = torch.tensor(ok, device=C.device) & ~overflow
+    converged = torch.as_tensor(ok, device=C.device) & ~overflow
     if warn:
         warn_not_converged("emd", converged=converged, max_iter=max_iter, causes={
             f"have outputs beyond the range of {problem.out_dtype} (solve in float32)": overflow,

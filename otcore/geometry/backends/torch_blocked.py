@@ -37,12 +37,16 @@ class _Recomputed(torch.autograd.Function):
 
     ``inputs`` are ``n_row`` tensors indexed by the output rows (sliced per block), then tensors
     shared by every block (None allowed), then the geometry's tensors. ``block_fn(cost_block,
-    *row_slices, *shared)`` is the differentiable computation of one block of outputs.
+    *row_slices, *shared)`` is the differentiable computation of one block of outputs;
+    ``block_grad(cost_block, *row_slices, *shared, grad_out_block, wanted)``, where given, its
+    vector-Jacobian product in closed form (a gradient for each input and the cost block, None
+    where ``wanted`` says it is not needed), used instead of autograd through ``block_fn``.
     """
 
     @staticmethod
-    def forward(ctx, geom, block_fn, fast, transpose, n_row, *inputs):
-        ctx.geom, ctx.block_fn, ctx.transpose, ctx.n_row = geom, block_fn, transpose, n_row
+    def forward(ctx, geom, block_fn, block_grad, fast, transpose, n_row, *inputs):
+        ctx.geom, ctx.block_fn, ctx.block_grad = geom, block_fn, block_grad
+        ctx.transpose, ctx.n_row = transpose, n_row
         ctx.save_for_backward(*inputs)
         return fast()
 
@@ -52,42 +56,54 @@ class _Recomputed(torch.autograd.Function):
         geom, transpose, n_row = ctx.geom, ctx.transpose, ctx.n_row
         inputs = ctx.saved_tensors
         n_geom = len(geom.tensors)
-        wanted = ctx.needs_input_grad[5:]
+        wanted = ctx.needs_input_grad[6:]
         totals = [torch.zeros_like(t) if need else None for t, need in zip(inputs, wanted, strict=True)]
         leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, wanted, strict=True)]
         leaf_geom = geom.with_tensors(*leaves[-n_geom:])
         total_geom = geom.with_tensors(*(t if t is not None else g for t, g in zip(totals[-n_geom:], geom.tensors, strict=True)))
         geom_wanted = wanted[-n_geom:]
+        source_wanted = (*wanted[:-n_geom], any(geom_wanted))  # the inputs before the geometry's, then the costs
         B, n, m = geom.shape
         n_rows, row_len = (m, n) if transpose else (n, m)
         for rows in blocked.row_blocks(n_rows, row_len, B, blocked.block_elements(geom.device)):
-            # the block's costs as a leaf: its gradient G reaches the geometry's tensors through
+            # the block's costs: their gradient G reaches the geometry's tensors through
             # ``cost_vjp`` (a closed form where the geometry has one)
-            cost = geom.cost_block(rows, transpose).detach().requires_grad_(any(geom_wanted))
-            with torch.enable_grad():
-                row_leaves = [t[:, rows] if t is not None else None for t in leaves[:n_row]]
-                out = ctx.block_fn(cost, *row_leaves, *leaves[n_row:-n_geom])
-                sources = [*row_leaves, *leaves[n_row:-n_geom]]
-                targets = [*(t[:, rows] if t is not None else None for t in totals[:n_row]), *totals[n_row:-n_geom]]
-                pairs = [(s, t) for s, t, need in zip(sources, targets, wanted[:-n_geom], strict=True) if need]
-                if any(geom_wanted):
-                    pairs.append((cost, None))
-                grads = torch.autograd.grad(out, [s for s, _ in pairs], grad_out[:, rows], allow_unused=True)
-            for (_, total), grad in zip(pairs, grads, strict=True):
+            cost = geom.cost_block(rows, transpose).detach()
+            row_leaves = [t[:, rows] if t is not None else None for t in leaves[:n_row]]
+            sources = [*row_leaves, *leaves[n_row:-n_geom], cost]
+            if ctx.block_grad is not None:
+                grads = ctx.block_grad(*(t.detach() if t is not None else None for t in sources),
+                                       grad_out[:, rows], source_wanted)
+            else:
+                grads = _autograd_block(ctx.block_fn, sources, grad_out[:, rows], source_wanted)
+            targets = [*(t[:, rows] if t is not None else None for t in totals[:n_row]), *totals[n_row:-n_geom]]
+            for total, grad in zip(targets, grads[:-1], strict=True):
                 if grad is not None and total is not None:
                     total.add_(grad)
-            if any(geom_wanted) and grads[-1] is not None:
+            if grads[-1] is not None:
                 with torch.enable_grad():  # views of the leaves that autograd follows
                     block = leaf_geom.restricted(rows, transpose)
                 block_grads = block.cost_vjp(grads[-1], transpose, geom_wanted)
                 for total, grad in zip(total_geom.restricted(rows, transpose).tensors, block_grads, strict=True):
                     if grad is not None:
                         total.add_(grad)
-        return (None, None, None, None, None, *totals)
+        return (None, None, None, None, None, None, *totals)
 
 
-def _recomputed(geom, block_fn, fast, transpose: bool, row_args, shared_args) -> torch.Tensor:
-    return _Recomputed.apply(geom, block_fn, fast, transpose, len(row_args), *row_args, *shared_args, *geom.tensors)
+def _autograd_block(block_fn, sources, grad_out, wanted) -> list[torch.Tensor | None]:
+    """The gradients of ``block_fn(*sources)`` in the ``wanted`` sources (the cost block last),
+    None elsewhere, by autograd through it."""
+    leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(sources, wanted, strict=True)]
+    with torch.enable_grad():
+        out = block_fn(leaves[-1], *leaves[:-1])
+        chosen = [t for t, need in zip(leaves, wanted, strict=True) if need and t is not None]
+        found = iter(torch.autograd.grad(out, chosen, grad_out, allow_unused=True))
+    return [next(found) if need else None for need in wanted]
+
+
+def _recomputed(geom, block_fn, fast, transpose: bool, row_args, shared_args, block_grad=None) -> torch.Tensor:
+    return _Recomputed.apply(geom, block_fn, block_grad, fast, transpose, len(row_args), *row_args, *shared_args,
+                             *geom.tensors)
 
 
 def _fused(geom, block_fn, transpose: bool) -> torch.Tensor:
@@ -115,8 +131,13 @@ def softmin(geom, h, eps, weights, transpose, centred: bool = False):
     else:
         fast = functools.partial(_softmin, geom, h, eps, weights, transpose)
     if geom.needs_grad(h, weights):
-        return _recomputed(geom, block, fast, transpose, (), (h, weights))
+        closed_form = None if centred else functools.partial(_softmin_grad, eps=eps)
+        return _recomputed(geom, block, fast, transpose, (), (h, weights), closed_form)
     return fast()
+
+
+def _softmin_grad(h, weights, cost, grad_out, wanted, *, eps):
+    return blocked.block_softmin_grad(cost, h, weights, grad_out, eps, wanted)
 
 
 def _softmin(geom, h, eps, weights, transpose):
