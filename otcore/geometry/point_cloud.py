@@ -11,7 +11,6 @@ from otcore.geometry.base import Geometry
 from otcore.geometry.cost_matrix import CostMatrix
 from otcore.geometry.costs import pairwise_cost, parse_cost
 from otcore.kernels.codes import POINT_COSTS
-from otcore.kernels.softmin import blocked
 
 #: Most memory (bytes) that a ``PointCloud`` on the torch backend spends on keeping its costs C
 #: and C^T (2 B n m entries of the compute dtype), computed once, for its passes without
@@ -169,10 +168,8 @@ class PointCloud(Geometry):
                 self._passes = self.__dict__.get("_passes", 0) + 1
             if not now and self.__dict__.get("_passes", 0) < 2:
                 return None
-            C = torch.empty(B, n, m, dtype=self.dtype, device=self.device)
-            with torch.no_grad():
-                for block in blocked.row_blocks(n, m, B, blocked.block_elements(self.device)):
-                    C[:, block] = self.cost_rows(block)
+            with torch.no_grad():  # in one piece: no block's temporary to copy from (C is at most DENSE_COSTS_BYTES / 2)
+                C = self.cost_rows(slice(0, n)).contiguous()
             later: list[CostMatrix] = []  # C^T, once made
             stored = self._dense = (versions, CostMatrix(C, backend="torch", validate=False), later)
         _, costs, later = stored
