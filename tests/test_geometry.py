@@ -44,6 +44,23 @@ def test_bad_geometry_inputs():
         CostMatrix(torch.zeros(0, 3))
 
 
+def test_cost_matrix_range_and_finiteness_from_one_read(gen):
+    """``CostMatrix`` validates finiteness and caches ``cost_range`` (the batch's smallest max C -
+    min C) from each problem's extremes: on a strided (transposed, expanded) batch as on the
+    stored one, and a non-finite entry anywhere raises with its count."""
+    C = torch.randn(3, 5, 4, generator=gen, dtype=F64) * torch.tensor([1.0, 0.1, 10.0], dtype=F64)[:, None, None]
+    expected = float((C.amax((-2, -1)) - C.amin((-2, -1))).min())
+    assert CostMatrix(C).cost_range() == expected
+    assert CostMatrix(C.mT).cost_range() == expected
+    assert CostMatrix(C[1]).cost_range() == float(C[1].max() - C[1].min())
+    assert CostMatrix(C[:1].expand(4, 5, 4)).cost_range() == float(C[0].max() - C[0].min())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        D = C.clone()
+        D[2, 1, 3] = D[0, 0, 0] = bad
+        with pytest.raises(ValueError, match=r"C holds 2 non-finite"):
+            CostMatrix(D.mT)
+
+
 @pytest.mark.parametrize("cost", ["sqeuclidean", "cosine"])
 def test_stored_costs_match_recomputed_ones_and_follow_in_place_changes(gen, cost, monkeypatch):
     """A small PointCloud keeps C and C^T (``DENSE_COSTS_BYTES``): its softmins (both axes) and

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from otcore._validation import check_finite, check_tensor
@@ -32,12 +34,15 @@ class CostMatrix(Geometry):
             raise ValueError(f"C is empty: shape {tuple(C.shape)}")
         if not C.is_floating_point():
             raise ValueError(f"C must be a floating tensor, got {C.dtype}")
-        if validate:
-            check_finite("C", C)
         self.validate = validate
         self.batched = C.dim() == 3
         self.C = C if self.batched else C.unsqueeze(0)
         self.backend = resolve_backend(backend, C.device, C.dtype, None)
+        if validate:  # one read of each problem's extremes: finiteness, and the range ``cost_range`` caches
+            highs, lows = self._extremes().tolist()
+            if not all(map(math.isfinite, highs + lows)):
+                check_finite("C", C)  # raises, counting the non-finite entries (NaN reaches the extremes)
+            self._cost_range = min(high - low for high, low in zip(highs, lows, strict=True))
 
     @property
     def shape(self):
@@ -76,3 +81,12 @@ class CostMatrix(Geometry):
 
     def materialize(self):
         return self.C.to(self.dtype)
+
+    def _extremes(self) -> torch.Tensor:
+        """(max C, min C) of each problem, (2, B): two reductions over C as stored (any strides)."""
+        with torch.no_grad():
+            return torch.stack((self.C.amax(dim=(-2, -1)), self.C.amin(dim=(-2, -1))))
+
+    def _range_bounds(self):
+        high, low = self._extremes()
+        return high - low
