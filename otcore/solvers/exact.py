@@ -51,9 +51,10 @@ def emd(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, m
     def like(array) -> torch.Tensor:
         return torch.as_tensor(array, dtype=C.dtype, device=C.device)
 
-    plan = like(plans[0][None] if B == 1 else np.stack(plans))  # one problem: no copy
-    f = like(np.stack(fs))
-    g = like(np.stack(gs))
+    def stacked(arrays) -> torch.Tensor:  # (B, ...); one problem: a view of its array, no copy
+        return like(arrays[0][None] if B == 1 else np.stack(arrays))
+
+    plan, f, g = stacked(plans), stacked(fs), stacked(gs)
     # <P*, C> with the optimal plan held fixed (the simplex's own sum when C needs no gradient),
     # plus first-order terms in the weights (duals) where they need a gradient
     value = (plan * C).sum((-2, -1)) if C.requires_grad else like(costs)
