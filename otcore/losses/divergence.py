@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +26,15 @@ from otcore.solvers.entropic.overrelaxation import Overrelaxation
 from otcore.solvers.entropic.scaling import stabilised_kernel
 from otcore.solvers.entropic.scaling_loop import run_scaling_loop, run_symmetric_scaling_loop
 from otcore.solvers.entropic.sinkhorn import GRAD_MODES, refresh_zero_weight, sinkhorn_step
+
+#: A warm-started cross problem whose error is still above 10 ``LADDER_TOL`` after ``WARM_PROBE``
+#: iterations at eps goes on at ``WARM_LADDER`` times eps (coarse to fine, each to marginal error
+#: ``LADDER_TOL``) before it finishes at eps: where its points moved far against a small eps, the
+#: potentials' large-scale error contracts many times faster at a coarser eps. Measured on the
+#: README's training loop (500 points, Adam, lr 0.05, tol 1e-4): iterations per step 710 instead
+#: of 980 at eps = 0.01, 1 140 instead of 1 860 at eps = 0.005; at eps >= 0.02 the ladder is not
+#: taken (or breaks even).
+WARM_PROBE, WARM_LADDER, LADDER_TOL = 100, (4.0, 2.0), 1e-3
 
 
 def sinkhorn_divergence(
@@ -146,8 +155,10 @@ def divergence_and_potentials(
 
     The potentials are (f, g, p_x, p_y), each (B, n) or (B, m), detached; (p,) alone when the
     two measures are the same. ``init``: such a tuple from an earlier call on measures of the
-    same shapes (and the same sameness); the solve then starts from it at ``eps`` directly,
-    without annealing.
+    same shapes (and the same sameness); the solve then starts from it at ``eps`` without
+    annealing, and a balanced cross problem that the points' move has left far from its optimum
+    (short of tol after ``WARM_PROBE`` iterations) passes through a short coarse-to-fine
+    ladder of eps (``WARM_LADDER``) first.
     """
     eps = check_positive("eps", eps)
     if grad not in GRAD_MODES:
@@ -210,7 +221,7 @@ def divergence_and_potentials(
             outcome = loop(start, max_iter=max_iter, schedule=schedule, first_check=1 if identical else 2)
         else:  # each problem in scaling iterations checked every k (``scaling_loop``)
             outcome, finished = _scaling_solves(cross_kernel, term_x, term_y, wa, wb, start, max_iter=max_iter,
-                                                tol=tol, relaxation=relaxation)
+                                                tol=tol, relaxation=relaxation, warm=init is not None)
             if not finished:  # handed back: on with the per-half-step loop from where they are
                 if relaxation is not None:
                     relaxation.observed = int(outcome.n_iter.max())
@@ -236,15 +247,18 @@ def divergence_and_potentials(
     return (value if problem.batched else value.squeeze(0)).to(problem.out_dtype), potentials
 
 
-def _scaling_solves(cross_kernel, term_x, term_y, wa, wb, start, *, max_iter, tol, relaxation):
+def _scaling_solves(cross_kernel, term_x, term_y, wa, wb, start, *, max_iter, tol, relaxation, warm=False):
     """The cross problem (``run_scaling_loop``) and the two self-transport ones
     (``run_symmetric_scaling_loop``; only the one when the measures are the same, ``start`` =
-    (p,)), one after the other: (the outcome of all of them, as the combined loop's, finished)."""
+    (p,)), one after the other: (the outcome of all of them, as the combined loop's, finished).
+    ``warm``: ``start`` is an earlier solve's (``init``): the cross problem is then solved by
+    ``_warm_cross``."""
     if len(start) == 1:
         return run_symmetric_scaling_loop(term_x.kernel, wa, start[0], max_iter=max_iter, tol=tol)
     f, g, px, py = start
-    parts = [run_scaling_loop(cross_kernel, wa, wb, f, g, max_iter=max_iter, tol=tol,
-                              factor=None if relaxation is None else relaxation.factor),
+    solve_cross = _warm_cross if warm and tol < LADDER_TOL and max_iter > WARM_PROBE else run_scaling_loop
+    parts = [solve_cross(cross_kernel, wa, wb, f, g, max_iter=max_iter, tol=tol,
+                         factor=None if relaxation is None else relaxation.factor),
              run_symmetric_scaling_loop(term_x.kernel, wa, px, max_iter=max_iter, tol=tol),
              run_symmetric_scaling_loop(term_y.kernel, wb, py, max_iter=max_iter, tol=tol)]
     outcomes = [outcome for outcome, _ in parts]
@@ -257,7 +271,29 @@ def _scaling_solves(cross_kernel, term_x, term_y, wa, wb, start, *, max_iter, to
     return combined, all(finished for _, finished in parts)
 
 
-@dataclass(frozen=True)
+def _warm_cross(kernel, a, b, f, g, *, max_iter, tol, factor) -> tuple[LoopOutcome, bool]:
+    """``run_scaling_loop`` from a warm start (f, g): ``WARM_PROBE`` iterations at
+    ``kernel.eps``; unless they meet ``tol`` (or hand back), and where some problem's error is
+    still above 10 ``LADDER_TOL``, one plain solve at each ``WARM_LADDER`` multiple of eps to
+    ``LADDER_TOL`` (a stage whose kernel is unavailable is skipped); then the solve at eps.
+    ``n_iter`` counts every stage's iterations (the largest over the batch per stage), within
+    ``max_iter``."""
+    probe, finished = run_scaling_loop(kernel, a, b, f, g, max_iter=WARM_PROBE, tol=tol, factor=factor)
+    if not finished or bool(probe.converged.all()):
+        return probe, finished
+    state, spent = probe.state, int(probe.n_iter.max())
+    # a decade or more above the stages' tolerance: closer, the coarse solves would only move it away
+    far = bool((probe.error > 10 * LADDER_TOL).any())
+    for ratio in WARM_LADDER if far else ():
+        coarse = stabilised_kernel(kernel.geom, kernel.eps * ratio, "auto")
+        if coarse is not None and spent < max_iter - 1:
+            outcome, _ = run_scaling_loop(coarse, a, b, *state, max_iter=max_iter - 1 - spent, tol=LADDER_TOL)
+            state, spent = outcome.state, spent + int(outcome.n_iter.max())
+    outcome, finished = run_scaling_loop(kernel, a, b, *state, max_iter=max_iter - spent, tol=tol, factor=factor)
+    return dataclasses.replace(outcome, n_iter=outcome.n_iter + spent), finished
+
+
+@dataclasses.dataclass(frozen=True)
 class _Measures:
     """The cross geometry as the user gave it, and how to make the two self-transport ones."""
 
