@@ -31,10 +31,10 @@ from otcore.solvers.entropic.sinkhorn import GRAD_MODES, refresh_zero_weight, si
 #: iterations at eps goes on at ``WARM_LADDER`` times eps (coarse to fine, each to marginal error
 #: ``LADDER_TOL``) before it finishes at eps: where its points moved far against a small eps, the
 #: potentials' large-scale error contracts many times faster at a coarser eps. Measured on the
-#: README's training loop (500 points, Adam, lr 0.05, tol 1e-4): iterations per step 710 instead
-#: of 980 at eps = 0.01, 1 140 instead of 1 860 at eps = 0.005; at eps >= 0.02 the ladder is not
+#: README's training loop (500 points, Adam, lr 0.05, tol 1e-4): iterations per step 680 instead
+#: of 980 at eps = 0.01, 1 110 instead of 1 860 at eps = 0.005; at eps >= 0.02 the ladder is not
 #: taken (or breaks even).
-WARM_PROBE, WARM_LADDER, LADDER_TOL = 100, (4.0, 2.0), 1e-3
+WARM_PROBE, WARM_LADDER, LADDER_TOL = 50, (4.0, 2.0), 1e-3
 
 
 def sinkhorn_divergence(
