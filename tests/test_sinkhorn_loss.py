@@ -81,22 +81,24 @@ def test_warm_start_cuts_iterations_and_keeps_value_and_gradient(gen, iterations
     assert max(warm_runs[1:]) < 0.7 * min(cold_runs[1:])  # linear convergence: log(start error / tol)
 
 
-def test_warm_start_far_from_the_optimum_goes_through_coarser_eps(gen, iterations, monkeypatch):
-    """A large move at small eps leaves the warm start far from the new optimum: the coarse-to-fine
-    ladder (``divergence.WARM_LADDER``) reaches the cold divergence (float64, tol 1e-6) in
-    fewer iterations than the direct warm start, all its stages' iterations counted."""
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_start_far_from_the_optimum_goes_through_coarser_eps(gen, iterations, monkeypatch, warm):
+    """A cold start, or a warm one after a large move, is far from the optimum at small eps: the
+    coarse-to-fine ladder (``divergence.LADDER``) reaches the divergence (float64, tol 1e-6) in
+    fewer iterations than the direct solve, all its stages' iterations counted."""
     x, y = clouds(80, 80, 2, gen)
     moved = x + 0.1 * (y.mean(0) - x)  # every point a tenth of the way to y's mean
 
-    def warm_solve():
+    def solve():
         loss = otcore.nn.SinkhornLoss(eps=0.02, tol=1e-4, max_iter=20_000)
-        loss(x, y)
+        if warm:
+            loss(x, y)
         return float(loss(moved, y)), iterations[-1]
 
     reference = float(otcore.sinkhorn_divergence(moved, y, eps=0.02, tol=1e-6, max_iter=100_000))
-    value, laddered = warm_solve()
-    monkeypatch.setattr(divergence, "WARM_LADDER", ())
-    value_direct, direct = warm_solve()
+    value, laddered = solve()
+    monkeypatch.setattr(divergence, "LADDER", ())
+    value_direct, direct = solve()
     for v in (value, value_direct):
         assert abs(v - reference) <= 1e-5 * abs(reference)
     assert laddered < 0.7 * direct
