@@ -54,6 +54,9 @@ def test_cost_matrix_range_and_finiteness_from_one_read(gen):
     assert CostMatrix(C.mT).cost_range() == expected
     assert CostMatrix(C[1]).cost_range() == float(C[1].max() - C[1].min())
     assert CostMatrix(C[:1].expand(4, 5, 4)).cost_range() == float(C[0].max() - C[0].min())
+    for dtype, scale in ((torch.float16, 4e4), (torch.float32, 1.0)):  # cached at validation = recomputed
+        D = (C[2] * scale).clamp(-6e4, 6e4).to(dtype)  # float16: a range beyond its largest number
+        assert CostMatrix(D).with_tensors(D).cost_range() == CostMatrix(D).cost_range()
     for bad in (float("nan"), float("inf"), -float("inf")):
         D = C.clone()
         D[2, 1, 3] = D[0, 0, 0] = bad

@@ -28,6 +28,27 @@ def test_omega_follows_youngs_formula_and_backs_off_when_the_error_climbs():
                                                                      dtype=F64))
 
 
+def test_a_restarted_problem_is_measured_afresh_from_plain_iterations_and_the_others_keep_omega():
+    from otcore.solvers.entropic.overrelaxation import RelaxationFactor
+
+    window = overrelaxation.WINDOW
+
+    def young(t):
+        return min(overrelaxation.CAP, 2 / (1 + math.sqrt(1 - t)))
+
+    factor = RelaxationFactor()
+    first = torch.tensor([0.9, 0.5], dtype=F64)
+    for k in range(1, window + 1):
+        factor.observe(k, first**k, lambda: (first, first))
+    torch.testing.assert_close(factor.omega.squeeze(-1), torch.tensor([young(0.9), young(0.5)], dtype=F64))
+    factor.restart(torch.tensor([True, False]))
+    torch.testing.assert_close(factor.omega.squeeze(-1), torch.tensor([1.0, young(0.5)], dtype=F64))  # plain
+    second = torch.tensor([0.99, 0.95], dtype=F64)  # a new start: iterations counted from 1 again
+    for k in range(1, window + 1):
+        factor.observe(k, second**k, lambda: (second, second))
+    torch.testing.assert_close(factor.omega.squeeze(-1), torch.tensor([young(0.99), young(0.5)], dtype=F64))
+
+
 def test_same_solution_as_pot_in_fewer_iterations(gen):
     x, y = clouds(60, 50, 2, gen)
     a, b = simplex(60, gen), simplex(50, gen)

@@ -84,8 +84,8 @@ def test_warm_start_cuts_iterations_and_keeps_value_and_gradient(gen, iterations
 @pytest.mark.parametrize("warm", [True, False])
 def test_a_start_far_from_the_optimum_goes_through_coarser_eps(gen, iterations, monkeypatch, warm):
     """A cold start, or a warm one after a large move, is far from the optimum at small eps: the
-    coarse-to-fine ladder (``divergence.LADDER``) reaches the divergence (float64, tol 1e-6) in
-    fewer iterations than the direct solve, all its stages' iterations counted."""
+    coarse-to-fine ladder (``divergence.LADDER``) reaches the divergence (tol 1e-4; a reference
+    at tol 1e-6) in fewer iterations than the direct solve, all its stages' iterations counted."""
     x, y = clouds(80, 80, 2, gen)
     moved = x + 0.1 * (y.mean(0) - x)  # every point a tenth of the way to y's mean
 
@@ -97,11 +97,33 @@ def test_a_start_far_from_the_optimum_goes_through_coarser_eps(gen, iterations, 
 
     reference = float(otcore.sinkhorn_divergence(moved, y, eps=0.02, tol=1e-6, max_iter=100_000))
     value, laddered = solve()
-    monkeypatch.setattr(divergence, "LADDER", ())
+    monkeypatch.setattr(divergence, "LADDER_TOL", 0.0)  # no tol is below it: the direct solve
     value_direct, direct = solve()
     for v in (value, value_direct):
         assert abs(v - reference) <= 1e-5 * abs(reference)
     assert laddered < 0.7 * direct
+
+
+def test_tol_zero_takes_no_ladder(gen, iterations, monkeypatch):
+    """``tol=0`` (no stopping test) runs exactly ``max_iter`` iterations at eps: the same
+    divergence as with the ladder switched off."""
+    x, y = clouds(80, 80, 2, gen)
+    value = otcore.sinkhorn_divergence(x, y, eps=0.02, tol=0, max_iter=300)
+    assert iterations[-1] == 300
+    monkeypatch.setattr(divergence, "LADDER_TOL", 0.0)
+    torch.testing.assert_close(value, otcore.sinkhorn_divergence(x, y, eps=0.02, tol=0, max_iter=300), rtol=0, atol=0)
+
+
+def test_the_ladder_treats_each_problem_of_a_batch_on_its_own(gen):
+    """A batch of a far problem (shifted clouds, small eps) and a near one (nearly identical
+    clouds): each problem's divergence is the one it has solved alone, to the last digits."""
+    x, y = clouds(80, 80, 2, gen)
+    near = x + 0.02 * torch.randn(x.shape, generator=gen, dtype=F64)
+    xs, ys = torch.stack((x, x)), torch.stack((y, near))
+    batched = otcore.sinkhorn_divergence(xs, ys, eps=0.02, tol=1e-4, max_iter=20_000)
+    for k in range(2):
+        alone = otcore.sinkhorn_divergence(xs[k], ys[k], eps=0.02, tol=1e-4, max_iter=20_000)
+        torch.testing.assert_close(batched[k], alone, rtol=1e-10, atol=0.0)
 
 
 def test_reset_and_new_shapes_start_cold(gen, iterations):

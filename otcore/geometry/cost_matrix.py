@@ -88,5 +88,5 @@ class CostMatrix(Geometry):
             return torch.stack((self.C.amax(dim=(-2, -1)), self.C.amin(dim=(-2, -1))))
 
     def _range_bounds(self):
-        high, low = self._extremes()
+        high, low = self._extremes().double()  # as the validation's host floats: no overflow, no rounding
         return high - low

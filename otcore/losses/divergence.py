@@ -31,13 +31,16 @@ from otcore.solvers.entropic.sinkhorn import GRAD_MODES, refresh_zero_weight, si
 #: ``LADDER_PROBE`` iterations at eps goes on at ``LADDER`` times eps (coarse to fine, each to
 #: marginal error ``LADDER_TOL``) before it finishes at eps: where the start is far from the
 #: optimum against a small eps, the potentials' large-scale error contracts many times faster at
-#: a coarser eps. Measured: the README's training loop (500 points, Adam, lr 0.05, tol 1e-4) takes
-#: 680 iterations per warm-started step instead of 980 at eps = 0.01, 1 110 instead of 1 860 at
-#: eps = 0.005 (at eps >= 0.02 the ladder is not taken, or breaks even); cold 3-D clouds at
-#: GeomLoss's blur 0.05 (n = 500) 1 380 instead of the 2 000-iteration cap; over 72 cold pairs
-#: of 300 points (blur 0.02 to 0.2, from nearly identical clouds to shifted ones) 47 600
-#: iterations instead of 54 000, none more than 10 % + 10 above the direct solve, up to 3.4x fewer.
-#: Unlike ``eps_scaling`` (annealing from max|C|), it leaves nearly identical clouds' solves alone.
+#: a coarser eps. Taken on the scaling-iteration path (balanced, CPU or dense enough, no
+#: ``eps_scaling`` or callback) when 0 < tol < ``LADDER_TOL`` and max_iter >= 4 ``LADDER_PROBE``.
+#: Measured against the direct solve: the README's training loop (500 points, Adam, lr 0.05,
+#: tol 1e-4) takes 615 iterations per warm-started step instead of 884 at eps = 0.01, 996
+#: instead of 1 882 at eps = 0.005, 369 instead of 431 at eps = 0.02 (170 both at eps = 0.05);
+#: cold 3-D clouds at GeomLoss's blur 0.05 (n = 500) 1 295 instead of the 2 000-iteration cap;
+#: 72 cold pairs of 300 points (blur 0.02 to 0.2, from nearly identical clouds to shifted ones)
+#: 48 200 iterations instead of 54 000, none more than 10 % + 10 above the direct solve, up to
+#: 3.3x fewer. Unlike ``eps_scaling`` (annealing from max|C|), nearly identical clouds, which
+#: meet tol or come close within the probe, are left alone.
 LADDER_PROBE, LADDER, LADDER_TOL = 50, (4.0, 2.0), 1e-3
 
 
@@ -123,10 +126,10 @@ def sinkhorn_divergence(
             identical clouds (where a loss being minimised ends up): from an annealed start the
             alternating cross updates converge slowly there, from zero they do not. Reads
             max|C| on the host once. Without it, a balanced cross problem solved by scaling
-            iterations (no callback) that is still far from its optimum after ``LADDER_PROBE``
-            iterations (marginal error above 10 ``LADDER_TOL``) goes through two coarser eps
-            (``LADDER``: 4 eps, 2 eps) before finishing at eps, which leaves nearly identical
-            clouds alone.
+            iterations (CPU or dense enough, no callback; 0 < tol < ``LADDER_TOL``) that is
+            still far from its optimum after ``LADDER_PROBE`` iterations (marginal error above
+            10 ``LADDER_TOL``) goes through two coarser eps (``LADDER``: 4 eps, 2 eps) before
+            finishing at eps, problem by problem; nearly identical clouds are left alone.
         check_every: as in ``sinkhorn``.
         callback: as in ``sinkhorn``; its ``error`` is the largest of the three terms' errors.
         verbose: as in ``sinkhorn``.
@@ -261,7 +264,7 @@ def _scaling_solves(cross_kernel, term_x, term_y, wa, wb, start, *, max_iter, to
     if len(start) == 1:
         return run_symmetric_scaling_loop(term_x.kernel, wa, start[0], max_iter=max_iter, tol=tol)
     f, g, px, py = start
-    solve_cross = _laddered_cross if tol < LADDER_TOL and max_iter > LADDER_PROBE else run_scaling_loop
+    solve_cross = _laddered_cross if 0 < tol < LADDER_TOL and max_iter >= 4 * LADDER_PROBE else run_scaling_loop
     parts = [solve_cross(cross_kernel, wa, wb, f, g, max_iter=max_iter, tol=tol,
                          factor=None if relaxation is None else relaxation.factor),
              run_symmetric_scaling_loop(term_x.kernel, wa, px, max_iter=max_iter, tol=tol),
@@ -277,25 +280,37 @@ def _scaling_solves(cross_kernel, term_x, term_y, wa, wb, start, *, max_iter, to
 
 
 def _laddered_cross(kernel, a, b, f, g, *, max_iter, tol, factor) -> tuple[LoopOutcome, bool]:
-    """``run_scaling_loop`` from (f, g): ``LADDER_PROBE`` iterations at ``kernel.eps``; unless
-    they meet ``tol`` (or hand back), and where some problem's error is still above
-    10 ``LADDER_TOL``, one plain solve at each ``LADDER`` multiple of eps to
-    ``LADDER_TOL`` (a stage whose kernel is unavailable is skipped); then the solve at eps.
-    ``n_iter`` counts every stage's iterations (the largest over the batch per stage), within
-    ``max_iter``."""
+    """``run_scaling_loop`` from (f, g) (B problems), each problem on its own: ``LADDER_PROBE``
+    iterations at ``kernel.eps``; a problem that met ``tol`` there keeps that result. Those still
+    far (error above 10 ``LADDER_TOL``) go on from a solve of the batch at each ``LADDER``
+    multiple of eps to ``LADDER_TOL`` (plain iterations; each stage at most half the iterations
+    left; a stage whose kernel is unavailable is skipped) and have their over-relaxation
+    measured afresh; then every unfinished problem is solved at eps. ``n_iter`` counts each
+    problem's own stages, within ``max_iter``."""
     probe, finished = run_scaling_loop(kernel, a, b, f, g, max_iter=LADDER_PROBE, tol=tol, factor=factor)
     if not finished or bool(probe.converged.all()):
         return probe, finished
-    state, spent = probe.state, int(probe.n_iter.max())
-    # a decade or more above the stages' tolerance: closer, the coarse solves would only move it away
-    far = bool((probe.error > 10 * LADDER_TOL).any())
-    for ratio in LADDER if far else ():
-        coarse = stabilised_kernel(kernel.geom, kernel.eps * ratio, "auto")
-        if coarse is not None and spent < max_iter - 1:
-            outcome, _ = run_scaling_loop(coarse, a, b, *state, max_iter=max_iter - 1 - spent, tol=LADDER_TOL)
-            state, spent = outcome.state, spent + int(outcome.n_iter.max())
-    outcome, finished = run_scaling_loop(kernel, a, b, *state, max_iter=max_iter - spent, tol=tol, factor=factor)
-    return dataclasses.replace(outcome, n_iter=outcome.n_iter + spent), finished
+    done, far = probe.converged, ~probe.converged & (probe.error > 10 * LADDER_TOL)
+    state, spent = probe.state, probe.n_iter
+    if bool(far.any()):
+        kernel.kernel = None  # freed while the coarse kernels are built (the stage at eps rebuilds it)
+        laddered = state
+        for ratio in LADDER:
+            coarse = stabilised_kernel(kernel.geom, kernel.eps * ratio, "auto")
+            budget = (max_iter - int(spent.max())) // 2
+            if coarse is not None and budget > 0:
+                stage, _ = run_scaling_loop(coarse, a, b, *laddered, max_iter=budget, tol=LADDER_TOL)
+                laddered, spent = stage.state, torch.where(far, spent + stage.n_iter, spent)
+        state = tuple(torch.where(far.unsqueeze(-1), new, old) for new, old in zip(laddered, state, strict=True))
+        if factor is not None:
+            factor.restart(far)
+    final, finished = run_scaling_loop(kernel, a, b, *state, max_iter=max_iter - int(spent.max()), tol=tol,
+                                       factor=factor)
+    keep = done.unsqueeze(-1)
+    return LoopOutcome(
+        state=tuple(torch.where(keep, old, new) for old, new in zip(probe.state, final.state, strict=True)),
+        n_iter=torch.where(done, probe.n_iter, spent + final.n_iter), converged=done | final.converged,
+        failed=final.failed & ~done, error=torch.where(done, probe.error, final.error)), finished
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,6 +56,17 @@ class RelaxationFactor:
         self.early: torch.Tensor | None = None  # (B,) error at WINDOW / 2
         self.best: torch.Tensor | None = None  # (B,) smallest error since omega was set
         self.omega: torch.Tensor | None = None  # (B, 1) once measured
+        self.pending: torch.Tensor | None = None  # (B,) problems measured at the next marks (None: all)
+
+    def restart(self, mask: torch.Tensor) -> None:
+        """The (B,) ``mask``ed problems start again from other iterates: they run plain and have
+        omega measured afresh at the next ``WINDOW // 2`` and ``WINDOW`` iterations (counted
+        from their new start); the others keep theirs. Nothing to do before the first measure."""
+        if self.pending is None:
+            return
+        if self.omega is not None:
+            self.omega = torch.where(mask.unsqueeze(-1), 1.0, self.omega)
+        self.pending = mask.clone()
 
     def observe(self, iteration: int, error: torch.Tensor,
                 potentials: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, guarded: bool = True) -> None:
@@ -66,15 +77,22 @@ class RelaxationFactor:
         (``scaling_loop``'s, on sums of relative size 1)."""
         error = error.detach()
         with torch.no_grad():
-            if iteration == WINDOW // 2:
+            measuring = self.pending is None or bool(self.pending.any())
+            if iteration == WINDOW // 2 and measuring:
                 self.early = error.clone()
-            elif iteration == WINDOW and self.early is not None:
+            elif iteration == WINDOW and measuring and self.early is not None:
                 theta = torch.nan_to_num((error / self.early) ** (1.0 / (WINDOW - WINDOW // 2)), nan=0.0)
                 theta = torch.where(theta < 1, theta, 0.0)  # not contracting yet: stay plain
                 if guarded and self.rounding is not None and self.tol > 0:
                     theta = torch.where(self.rounding(*potentials()) <= QUIET * self.tol, theta, 0.0)
-                self.omega = (2 / (1 + torch.sqrt(1 - theta))).clamp(max=CAP).unsqueeze(-1)
-                self.best = error.clone()
+                omega = (2 / (1 + torch.sqrt(1 - theta))).clamp(max=CAP).unsqueeze(-1)
+                if self.pending is None:
+                    self.omega, self.best = omega, error.clone()
+                else:  # restarted problems only (``restart``)
+                    kept = torch.ones_like(omega) if self.omega is None else self.omega
+                    self.omega = torch.where(self.pending.unsqueeze(-1), omega, kept)
+                    self.best = error.clone() if self.best is None else torch.where(self.pending, error, self.best)
+                self.pending = torch.zeros_like(error, dtype=torch.bool)
                 if error.device.type == "cpu" and bool((self.omega == 1).all()):
                     self.omega = None  # nothing to relax: plain updates, without the relaxation's operations
             elif iteration > WINDOW and self.omega is not None and self.best is not None:
