@@ -10,6 +10,7 @@ from conftest import F64, clouds, simplex, sqdist
 
 import otcore
 from otcore.losses import divergence
+from otcore.solvers.entropic import scaling_loop
 
 
 def _ot_eps_pot(x, y, a, b, eps):
@@ -84,7 +85,7 @@ def test_warm_start_cuts_iterations_and_keeps_value_and_gradient(gen, iterations
 @pytest.mark.parametrize("warm", [True, False])
 def test_a_start_far_from_the_optimum_goes_through_coarser_eps(gen, iterations, monkeypatch, warm):
     """A cold start, or a warm one after a large move, is far from the optimum at small eps: the
-    coarse-to-fine ladder (``divergence.LADDER``) reaches the divergence (tol 1e-4; a reference
+    coarse-to-fine ladder (``scaling_loop.LADDER``) reaches the divergence (tol 1e-4; a reference
     at tol 1e-6) in fewer iterations than the direct solve, all its stages' iterations counted."""
     x, y = clouds(80, 80, 2, gen)
     moved = x + 0.1 * (y.mean(0) - x)  # every point a tenth of the way to y's mean
@@ -97,7 +98,7 @@ def test_a_start_far_from_the_optimum_goes_through_coarser_eps(gen, iterations, 
 
     reference = float(otcore.sinkhorn_divergence(moved, y, eps=0.02, tol=1e-6, max_iter=100_000))
     value, laddered = solve()
-    monkeypatch.setattr(divergence, "LADDER_TOL", 0.0)  # no tol is below it: the direct solve
+    monkeypatch.setattr(scaling_loop, "LADDER_TOL", 0.0)  # no tol is below it: the direct solve
     value_direct, direct = solve()
     for v in (value, value_direct):
         assert abs(v - reference) <= 1e-5 * abs(reference)
@@ -110,7 +111,7 @@ def test_tol_zero_takes_no_ladder(gen, iterations, monkeypatch):
     x, y = clouds(80, 80, 2, gen)
     value = otcore.sinkhorn_divergence(x, y, eps=0.02, tol=0, max_iter=300)
     assert iterations[-1] == 300
-    monkeypatch.setattr(divergence, "LADDER_TOL", 0.0)
+    monkeypatch.setattr(scaling_loop, "LADDER_TOL", 0.0)
     torch.testing.assert_close(value, otcore.sinkhorn_divergence(x, y, eps=0.02, tol=0, max_iter=300), rtol=0, atol=0)
 
 

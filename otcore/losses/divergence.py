@@ -24,24 +24,8 @@ from otcore.solvers.entropic.dual import (
 )
 from otcore.solvers.entropic.overrelaxation import Overrelaxation
 from otcore.solvers.entropic.scaling import stabilised_kernel
-from otcore.solvers.entropic.scaling_loop import run_scaling_loop, run_symmetric_scaling_loop
+from otcore.solvers.entropic.scaling_loop import run_laddered_scaling_loop, run_symmetric_scaling_loop
 from otcore.solvers.entropic.sinkhorn import GRAD_MODES, refresh_zero_weight, sinkhorn_step
-
-#: A cross problem (cold or warm-started) whose error is still above 10 ``LADDER_TOL`` after
-#: ``LADDER_PROBE`` iterations at eps goes on at ``LADDER`` times eps (coarse to fine, each to
-#: marginal error ``LADDER_TOL``) before it finishes at eps: where the start is far from the
-#: optimum against a small eps, the potentials' large-scale error contracts many times faster at
-#: a coarser eps. Taken on the scaling-iteration path (balanced, CPU or dense enough, no
-#: ``eps_scaling`` or callback) when 0 < tol < ``LADDER_TOL`` and max_iter >= 4 ``LADDER_PROBE``.
-#: Measured against the direct solve: the README's training loop (500 points, Adam, lr 0.05,
-#: tol 1e-4) takes 615 iterations per warm-started step instead of 884 at eps = 0.01, 996
-#: instead of 1 882 at eps = 0.005, 369 instead of 431 at eps = 0.02 (170 both at eps = 0.05);
-#: cold 3-D clouds at GeomLoss's blur 0.05 (n = 500) 1 295 instead of the 2 000-iteration cap;
-#: 72 cold pairs of 300 points (blur 0.02 to 0.2, from nearly identical clouds to shifted ones)
-#: 48 200 iterations instead of 54 000, none more than 10 % + 10 above the direct solve, up to
-#: 3.3x fewer. Unlike ``eps_scaling`` (annealing from max|C|), nearly identical clouds, which
-#: meet tol or come close within the probe, are left alone.
-LADDER_PROBE, LADDER, LADDER_TOL = 50, (4.0, 2.0), 1e-3
 
 
 def sinkhorn_divergence(
@@ -126,10 +110,11 @@ def sinkhorn_divergence(
             identical clouds (where a loss being minimised ends up): from an annealed start the
             alternating cross updates converge slowly there, from zero they do not. Reads
             max|C| on the host once. Without it, a balanced cross problem solved by scaling
-            iterations (CPU or dense enough, no callback; 0 < tol < ``LADDER_TOL``) that is
-            still far from its optimum after ``LADDER_PROBE`` iterations (marginal error above
-            10 ``LADDER_TOL``) goes through two coarser eps (``LADDER``: 4 eps, 2 eps) before
-            finishing at eps, problem by problem; nearly identical clouds are left alone.
+            iterations (CPU or dense enough, no callback; 0 < tol < 1e-3) that is still far
+            from its optimum after 50 iterations (marginal error above 1e-2) goes through two
+            coarser eps (4 eps, 2 eps) before finishing at eps, problem by problem
+            (``otcore.solvers.entropic.scaling_loop.LADDER``); nearly identical clouds are left
+            alone.
         check_every: as in ``sinkhorn``.
         callback: as in ``sinkhorn``; its ``error`` is the largest of the three terms' errors.
         verbose: as in ``sinkhorn``.
@@ -167,7 +152,7 @@ def divergence_and_potentials(
     The potentials are (f, g, p_x, p_y), each (B, n) or (B, m), detached; (p,) alone when the
     two measures are the same. ``init``: such a tuple from an earlier call on measures of the
     same shapes (and the same sameness); the solve then starts from it at ``eps`` without
-    annealing (a cross problem left far from its optimum still takes the ``LADDER``).
+    annealing (a cross problem left far from its optimum still takes ``scaling_loop.LADDER``).
     """
     eps = check_positive("eps", eps)
     if grad not in GRAD_MODES:
@@ -260,13 +245,12 @@ def _scaling_solves(cross_kernel, term_x, term_y, wa, wb, start, *, max_iter, to
     """The cross problem (``run_scaling_loop``) and the two self-transport ones
     (``run_symmetric_scaling_loop``; only the one when the measures are the same, ``start`` =
     (p,)), one after the other: (the outcome of all of them, as the combined loop's, finished).
-    The cross problem may take the ``LADDER`` (``_laddered_cross``)."""
+    The cross problem may take ``scaling_loop.LADDER``."""
     if len(start) == 1:
         return run_symmetric_scaling_loop(term_x.kernel, wa, start[0], max_iter=max_iter, tol=tol)
     f, g, px, py = start
-    solve_cross = _laddered_cross if 0 < tol < LADDER_TOL and max_iter >= 4 * LADDER_PROBE else run_scaling_loop
-    parts = [solve_cross(cross_kernel, wa, wb, f, g, max_iter=max_iter, tol=tol,
-                         factor=None if relaxation is None else relaxation.factor),
+    parts = [run_laddered_scaling_loop(cross_kernel, wa, wb, f, g, max_iter=max_iter, tol=tol,
+                                       factor=None if relaxation is None else relaxation.factor),
              run_symmetric_scaling_loop(term_x.kernel, wa, px, max_iter=max_iter, tol=tol),
              run_symmetric_scaling_loop(term_y.kernel, wb, py, max_iter=max_iter, tol=tol)]
     outcomes = [outcome for outcome, _ in parts]
@@ -277,40 +261,6 @@ def _scaling_solves(cross_kernel, term_x, term_y, wa, wb, start, *, max_iter, to
         failed=functools.reduce(torch.logical_or, [o.failed for o in outcomes]),
         error=functools.reduce(torch.maximum, [o.error for o in outcomes]))
     return combined, all(finished for _, finished in parts)
-
-
-def _laddered_cross(kernel, a, b, f, g, *, max_iter, tol, factor) -> tuple[LoopOutcome, bool]:
-    """``run_scaling_loop`` from (f, g) (B problems), each problem on its own: ``LADDER_PROBE``
-    iterations at ``kernel.eps``; a problem that met ``tol`` there keeps that result. Those still
-    far (error above 10 ``LADDER_TOL``) go on from a solve of the batch at each ``LADDER``
-    multiple of eps to ``LADDER_TOL`` (plain iterations; each stage at most half the iterations
-    left; a stage whose kernel is unavailable is skipped) and have their over-relaxation
-    measured afresh; then every unfinished problem is solved at eps. ``n_iter`` counts each
-    problem's own stages, within ``max_iter``."""
-    probe, finished = run_scaling_loop(kernel, a, b, f, g, max_iter=LADDER_PROBE, tol=tol, factor=factor)
-    if not finished or bool(probe.converged.all()):
-        return probe, finished
-    done, far = probe.converged, ~probe.converged & (probe.error > 10 * LADDER_TOL)
-    state, spent = probe.state, probe.n_iter
-    if bool(far.any()):
-        kernel.kernel = None  # freed while the coarse kernels are built (the stage at eps rebuilds it)
-        laddered = state
-        for ratio in LADDER:
-            coarse = stabilised_kernel(kernel.geom, kernel.eps * ratio, "auto")
-            budget = (max_iter - int(spent.max())) // 2
-            if coarse is not None and budget > 0:
-                stage, _ = run_scaling_loop(coarse, a, b, *laddered, max_iter=budget, tol=LADDER_TOL)
-                laddered, spent = stage.state, torch.where(far, spent + stage.n_iter, spent)
-        state = tuple(torch.where(far.unsqueeze(-1), new, old) for new, old in zip(laddered, state, strict=True))
-        if factor is not None:
-            factor.restart(far)
-    final, finished = run_scaling_loop(kernel, a, b, *state, max_iter=max_iter - int(spent.max()), tol=tol,
-                                       factor=factor)
-    keep = done.unsqueeze(-1)
-    return LoopOutcome(
-        state=tuple(torch.where(keep, old, new) for old, new in zip(probe.state, final.state, strict=True)),
-        n_iter=torch.where(done, probe.n_iter, spent + final.n_iter), converged=done | final.converged,
-        failed=final.failed & ~done, error=torch.where(done, probe.error, final.error)), finished
 
 
 @dataclasses.dataclass(frozen=True)

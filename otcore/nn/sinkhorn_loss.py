@@ -3,7 +3,7 @@
 In a training loop the measures move a little from one step to the next, and so do the optimal
 potentials: started from the previous step's potentials (at the target eps, without annealing;
 on the scaling-iteration path a debiased cross problem left far from its optimum passes through
-two coarser eps first, see ``otcore.losses.divergence.LADDER``), a solve needs a fraction of
+two coarser eps first, see ``otcore.solvers.entropic.scaling_loop.LADDER``), a solve needs a fraction of
 the iterations of a cold start. The module keeps them between calls (detached, not a buffer:
 they are not part of the model's state) and uses them whenever the new call has the same
 shapes, dtype and device.

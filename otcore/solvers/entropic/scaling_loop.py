@@ -30,7 +30,9 @@ r <- sqrt(r K~ (w / r)) the same way (Feydy et al. 2019, Sec. 3.1). The rest hap
 
 Over-relaxation of the cross problem is ``overrelaxation``'s Young's omega, measured at checks
 of every problem at iterations ``WINDOW / 2`` and ``WINDOW``, applied to the rows in scaling
-form: s <- s' (s / s')^omega.
+form: s <- s' (s / s')^omega. ``run_laddered_scaling_loop`` (the Sinkhorn divergence's cross
+problem) sends a start still far from the optimum after a short probe through coarser eps
+first (``LADDER``).
 
 References:
     Cuturi, "Sinkhorn distances", NeurIPS 2013 (the scaling iterations).
@@ -53,7 +55,7 @@ import torch
 from otcore._precision import flushed_subnormals
 from otcore.core.loop import LoopOutcome
 from otcore.solvers.entropic.overrelaxation import WINDOW, RelaxationFactor
-from otcore.solvers.entropic.scaling import StabilisedKernel
+from otcore.solvers.entropic.scaling import StabilisedKernel, stabilised_kernel
 
 #: Longest stretch of iterations between two checks of a problem (a check costs about ten
 #: iterations of a 500 x 500 problem in host reads and small operations) ...
@@ -62,6 +64,23 @@ MAX_INTERVAL = 64
 #: stretch is at most a quarter of the iterations run (or this), so a check past convergence
 #: costs at most a quarter more iterations (or this many).
 YOUNG_INTERVAL = 16
+
+
+#: A cross problem (``run_laddered_scaling_loop``, cold or warm-started) whose error is still above
+#: 10 ``LADDER_TOL`` after ``LADDER_PROBE`` iterations at eps goes on at ``LADDER`` times eps (coarse
+#: to fine, each to marginal error ``LADDER_TOL``) before it finishes at eps: where the start is
+#: far from the optimum against a small eps, the potentials' large-scale error contracts many
+#: times faster at a coarser eps. Taken when 0 < tol < ``LADDER_TOL`` and max_iter >= 4
+#: ``LADDER_PROBE``. Measured against the direct solve (Sinkhorn divergence, float32): the
+#: README's training loop (500 points, Adam, lr 0.05, tol 1e-4) takes 615 iterations per
+#: warm-started step instead of 884 at eps = 0.01, 996 instead of 1 882 at eps = 0.005, 369
+#: instead of 431 at eps = 0.02 (170 both at eps = 0.05); cold 3-D clouds at GeomLoss's blur
+#: 0.05 (n = 500) 1 295 instead of the 2 000-iteration cap; 72 cold pairs of 300 points (blur
+#: 0.02 to 0.2, from nearly identical clouds to shifted ones) 48 200 iterations instead of
+#: 54 000, none more than 10 % + 10 above the direct solve, up to 3.3x fewer. Unlike
+#: ``eps_scaling`` (annealing from max|C|), nearly identical clouds, which meet tol or come
+#: close within the probe, are left alone.
+LADDER_PROBE, LADDER, LADDER_TOL = 50, (4.0, 2.0), 1e-3
 
 
 class _Cross:
@@ -197,6 +216,47 @@ def run_scaling_loop(
         keep theirs) and ``n_iter`` the iterations it took.
     """
     return _drive(_Cross(kernel, a, b, f, g, factor), (f, g), max_iter=max_iter, tol=tol, first_check=2)
+
+
+def run_laddered_scaling_loop(
+    kernel: StabilisedKernel, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor, *,
+    max_iter: int, tol: float, factor: RelaxationFactor | None = None,
+) -> tuple[LoopOutcome, bool]:
+    """``run_scaling_loop`` (same arguments and outcome) with the ``LADDER`` for starts far from
+    the optimum, each problem of the batch on its own: ``LADDER_PROBE`` iterations at
+    ``kernel.eps``; a problem that met ``tol`` there keeps that result. Those still far (error
+    above 10 ``LADDER_TOL``) go on from a solve of the batch at each ``LADDER`` multiple of eps to
+    ``LADDER_TOL`` (plain iterations; each stage at most half the iterations left; a stage whose
+    kernel is unavailable is skipped) and have their over-relaxation measured afresh
+    (``RelaxationFactor.restart``); then every unfinished problem is solved at eps. ``n_iter``
+    counts each problem's own stages, within ``max_iter``. Outside 0 < tol < ``LADDER_TOL`` and
+    max_iter >= 4 ``LADDER_PROBE``: ``run_scaling_loop`` itself."""
+    if not (0 < tol < LADDER_TOL and max_iter >= 4 * LADDER_PROBE):
+        return run_scaling_loop(kernel, a, b, f, g, max_iter=max_iter, tol=tol, factor=factor)
+    probe, finished = run_scaling_loop(kernel, a, b, f, g, max_iter=LADDER_PROBE, tol=tol, factor=factor)
+    if not finished or bool(probe.converged.all()):
+        return probe, finished
+    done, far = probe.converged, ~probe.converged & (probe.error > 10 * LADDER_TOL)
+    state, spent = probe.state, probe.n_iter
+    if bool(far.any()):
+        kernel.kernel = None  # freed while the coarse kernels are built (the stage at eps rebuilds it)
+        laddered = state
+        for ratio in LADDER:
+            coarse = stabilised_kernel(kernel.geom, kernel.eps * ratio, "auto")
+            budget = (max_iter - int(spent.max())) // 2
+            if coarse is not None and budget > 0:
+                stage, _ = run_scaling_loop(coarse, a, b, *laddered, max_iter=budget, tol=LADDER_TOL)
+                laddered, spent = stage.state, torch.where(far, spent + stage.n_iter, spent)
+        state = tuple(torch.where(far.unsqueeze(-1), new, old) for new, old in zip(laddered, state, strict=True))
+        if factor is not None:
+            factor.restart(far)
+    final, finished = run_scaling_loop(kernel, a, b, *state, max_iter=max_iter - int(spent.max()), tol=tol,
+                                       factor=factor)
+    keep = done.unsqueeze(-1)
+    return LoopOutcome(
+        state=tuple(torch.where(keep, old, new) for old, new in zip(probe.state, final.state, strict=True)),
+        n_iter=torch.where(done, probe.n_iter, spent + final.n_iter), converged=done | final.converged,
+        failed=final.failed & ~done, error=torch.where(done, probe.error, final.error)), finished
 
 
 def run_symmetric_scaling_loop(
