@@ -38,11 +38,11 @@ class CostMatrix(Geometry):
         self.batched = C.dim() == 3
         self.C = C if self.batched else C.unsqueeze(0)
         self.backend = resolve_backend(backend, C.device, C.dtype, None)
-        if validate:  # one read of each problem's extremes: finiteness, and the range ``cost_range`` caches
-            highs, lows = self._extremes().tolist()
-            if not all(map(math.isfinite, highs + lows)):
+        if validate:  # one read of each problem's range: finiteness, and the ``cost_range`` it caches
+            ranges = self._range_bounds().tolist()
+            if not all(map(math.isfinite, ranges)):
                 check_finite("C", C)  # raises, counting the non-finite entries (NaN reaches the extremes)
-            self._cost_range = min(high - low for high, low in zip(highs, lows, strict=True))
+            self._cost_range = min(ranges)
 
     @property
     def shape(self):
@@ -82,11 +82,8 @@ class CostMatrix(Geometry):
     def materialize(self):
         return self.C.to(self.dtype)
 
-    def _extremes(self) -> torch.Tensor:
-        """(max C, min C) of each problem, (2, B): two reductions over C as stored (any strides)."""
-        with torch.no_grad():
-            return torch.stack((self.C.amax(dim=(-2, -1)), self.C.amin(dim=(-2, -1))))
-
     def _range_bounds(self):
-        high, low = self._extremes().double()  # as the validation's host floats: no overflow, no rounding
-        return high - low
+        """max C - min C of each problem (B,), float64 (no overflow, no rounding): two reductions
+        over C as stored (any strides)."""
+        with torch.no_grad():
+            return self.C.amax(dim=(-2, -1)).double() - self.C.amin(dim=(-2, -1)).double()

@@ -77,10 +77,11 @@ class RelaxationFactor:
         (``scaling_loop``'s, on sums of relative size 1)."""
         error = error.detach()
         with torch.no_grad():
-            measuring = self.pending is None or bool(self.pending.any())
-            if iteration == WINDOW // 2 and measuring:
+            # at the two marks only (a host read): whether any problem is measured there
+            measuring = iteration in (WINDOW // 2, WINDOW) and (self.pending is None or bool(self.pending.any()))
+            if measuring and iteration == WINDOW // 2:
                 self.early = error.clone()
-            elif iteration == WINDOW and measuring and self.early is not None:
+            elif measuring and self.early is not None:
                 theta = torch.nan_to_num((error / self.early) ** (1.0 / (WINDOW - WINDOW // 2)), nan=0.0)
                 theta = torch.where(theta < 1, theta, 0.0)  # not contracting yet: stay plain
                 if guarded and self.rounding is not None and self.tol > 0:
