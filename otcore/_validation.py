@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -88,15 +89,14 @@ def mass_rtol(*dtypes: torch.dtype) -> float:
 
 def prepare_weights(
     name: str, w: torch.Tensor | None, *, batch: int, n: int, dtype: torch.dtype, device: torch.device,
-    validate: bool = True, shard: bool = False,
+    shard: bool = False,
 ) -> torch.Tensor:
-    """Validate weights against a problem of ``batch`` x ``n`` points; return (batch, n).
+    """Weights of a problem of ``batch`` x ``n`` points as (batch, n) in ``dtype``; checks shapes
+    (``check_weight_values`` reads the values).
 
-    None means uniform ``1/n``. Accepts (n,) (shared by the batch) or (batch, n). Weights must be
-    finite, non-negative and of positive mass; zeros are allowed. ``validate=False`` keeps the
-    shape checks and skips those that read values (no host synchronisation). ``shard``: the n
+    None means uniform ``1/n``. Accepts (n,) (shared by the batch) or (batch, n). ``shard``: the n
     points are this process's part of a sharded side, whose mass only the whole can tell: None
-    then gives ones (to be divided by the total over every process) and the mass is not checked.
+    then gives ones (to be divided by the total over every process).
     """
     if w is None:
         if n == 0:
@@ -108,38 +108,53 @@ def prepare_weights(
         raise ValueError(f"{name} must be a real floating-point tensor, got {w.dtype}")
     given = tuple(w.shape)  # reported as the user passed it
     if w.dim() == 1:
-        w = w.unsqueeze(0).expand(batch, -1)
+        w = w.unsqueeze(0)
     if w.dim() != 2 or w.shape[-1] != n or w.shape[0] not in (1, batch):
         raise ValueError(f"{name} has shape {given}, expected ({n},) or ({batch}, {n}) to match the cost")
-    if validate:
-        _check_weight_values(name, w, shard)
     return upcast(w.expand(batch, n).to(device=device), dtype)
 
 
-def _check_weight_values(name: str, w: torch.Tensor, shard: bool) -> None:
-    """``prepare_weights``' value checks on (B, n) weights, read back in one host transfer: the
-    smallest entry, the smallest row mass and the total (finite unless an entry is not)."""
-    if w.numel() == 0:
+def check_weight_values(
+    weights: Sequence[tuple[str, torch.Tensor, torch.Tensor]], *, shard: bool = False,
+    equal_mass_rtol: float | None = None,
+) -> None:
+    """Value checks of weights, given as (name, w (B, n), row masses (B,)), read back in one host
+    transfer: each one's smallest entry and its masses (finite unless an entry is not).
+
+    Weights must be finite, non-negative and (unless ``shard``: one process's part of a side) of
+    positive mass; zeros are allowed. ``equal_mass_rtol``: the first two must also have equal
+    masses (a balanced problem's a and b), to that relative tolerance.
+    """
+    if any(w.numel() == 0 for _, w, _ in weights):
         if not shard:
+            raise ValueError(f"{weights[0][0]} has zero total mass; at least one weight must be > 0")
+        weights = [entry for entry in weights if entry[1].numel()]
+        if not weights:
+            return
+    with torch.no_grad():
+        minima = torch.stack([w.amin() for _, w, _ in weights])
+        stats = torch.cat([minima, *(mass.reshape(-1) for _, _, mass in weights)]).tolist()
+    k = len(weights)
+    batch = (len(stats) - k) // k  # every weight has B masses
+    smallest, masses = stats[:k], [stats[k + i * batch:k + (i + 1) * batch] for i in range(k)]
+    for (name, w, _), low, mass in zip(weights, smallest, masses, strict=True):
+        if not all(map(math.isfinite, mass)) and not bool(torch.isfinite(w).all()):
+            raise ValueError(f"{name} holds {int((~torch.isfinite(w)).sum())} non-finite value(s) (NaN or inf)")
+        if low < 0:
+            raise ValueError(f"{name} has negative entries (min {low:.3g}); weights must be >= 0")
+        if not shard and not min(mass) > 0:
             raise ValueError(f"{name} has zero total mass; at least one weight must be > 0")
-        return
-    mass = w.detach().sum(-1)
-    smallest, lightest, total = torch.stack((w.detach().amin(), mass.amin(), mass.sum())).tolist()
-    if not math.isfinite(total) and not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{name} holds {int((~torch.isfinite(w)).sum())} non-finite value(s) (NaN or inf)")
-    if smallest < 0:
-        raise ValueError(f"{name} has negative entries (min {smallest:.3g}); weights must be >= 0")
-    if not shard and not lightest > 0:
-        raise ValueError(f"{name} has zero total mass; at least one weight must be > 0")
+    if equal_mass_rtol is not None:
+        check_equal_mass(masses[0], masses[1], equal_mass_rtol)
 
 
-def check_equal_mass(ma: torch.Tensor, mb: torch.Tensor, rtol: float) -> None:
-    """Raise if a balanced problem's total masses (B,) differ by more than ``rtol`` relatively."""
-    masses_a, masses_b = (m.reshape(-1).tolist() for m in torch.broadcast_tensors(ma, mb))  # compared on the host
+def check_equal_mass(masses_a: Sequence[float], masses_b: Sequence[float], rtol: float) -> None:
+    """Raise if a balanced problem's total masses (one per problem) differ by more than ``rtol``
+    relatively."""
     if any(abs(x - y) > rtol * max(x, y) for x, y in zip(masses_a, masses_b, strict=True)):
         raise ValueError(
             f"a and b must have equal total mass in a balanced problem (tau_a = tau_b = 1); "
-            f"got sum(a) = {masses_a} and sum(b) = {masses_b}. Normalise them or use tau < 1."
+            f"got sum(a) = {list(masses_a)} and sum(b) = {list(masses_b)}. Normalise them or use tau < 1."
         )
 
 

@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 import torch
 
-from otcore._validation import check_equal_mass, mass_rtol, prepare_weights
+from otcore._validation import check_equal_mass, check_weight_values, mass_rtol, prepare_weights
 from otcore.core.plan import DensePlan, EntropicPlan
 from otcore.core.result import OTResult
 from otcore.geometry import Geometry, as_geometry
@@ -98,15 +98,18 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True, sharde
             batch = max(batch, w.shape[0])
     geom = geom.broadcast_to(batch)
     rtol = mass_rtol(compute, *(w.dtype for w in (a, b) if torch.is_tensor(w) and w.is_floating_point()))  # the weights' own precision
-    if geom.sharded:
+    if geom.sharded:  # masses are sums over every process's points
         a, b = _sharded_weights(geom, a, b, batch=batch, dtype=compute, validate=validate)
+        ma, mb = (geom.total(a, 0), geom.total(b, 1)) if balanced else (None, None)
+        if validate and balanced:
+            check_equal_mass(ma.tolist(), mb.tolist(), rtol)
     else:
-        a = prepare_weights("a", a, n=n, batch=batch, dtype=compute, device=geom.device, validate=validate)
-        b = prepare_weights("b", b, n=m, batch=batch, dtype=compute, device=geom.device, validate=validate)
-    if balanced:
-        ma, mb = geom.total(a, 0), geom.total(b, 1)
+        a = prepare_weights("a", a, n=n, batch=batch, dtype=compute, device=geom.device)
+        b = prepare_weights("b", b, n=m, batch=batch, dtype=compute, device=geom.device)
+        ma, mb = a.sum(-1), b.sum(-1)
         if validate:
-            check_equal_mass(ma, mb, rtol)
+            check_weight_values((("a", a, ma), ("b", b, mb)), equal_mass_rtol=rtol if balanced else None)
+    if balanced:
         # equal to the last bit, as a balanced problem needs (gaps within the weights' rounding)
         b = b * (ma / mb).detach().unsqueeze(-1)
     return Problem(geom=geom, a=a, b=b, batched=batched, out_dtype=out_dtype)
@@ -122,11 +125,13 @@ def _sharded_weights(
     weights, failure = [], None
     for name, w, size in (("a", a, n), ("b", b, m)):
         try:
-            weights.append(prepare_weights(name, w, n=size, batch=batch, dtype=dtype, device=geom.device,
-                                           validate=validate, shard=True))
+            local = prepare_weights(name, w, n=size, batch=batch, dtype=dtype, device=geom.device, shard=True)
+            if validate:
+                check_weight_values([(name, local, local.sum(-1))], shard=True)
         except ValueError as error:
             failure = failure or error
-            weights.append(torch.ones(batch, size, dtype=dtype, device=geom.device))
+            local = torch.ones(batch, size, dtype=dtype, device=geom.device)
+        weights.append(local)
     if not bool(geom.all_true(torch.tensor([failure is None], device=geom.device)).all()):
         raise failure or ValueError("a, b: another process's weights are invalid (its error names them)")
     for k, (name, given) in enumerate((("a", a), ("b", b))):

@@ -39,7 +39,7 @@ class CostMatrix(Geometry):
         self.C = C if self.batched else C.unsqueeze(0)
         self.backend = resolve_backend(backend, C.device, C.dtype, None)
         if validate:  # one read of each problem's range: finiteness, and the ``cost_range`` it caches
-            ranges = self._range_bounds().tolist()
+            ranges = self._ranges()
             if not all(map(math.isfinite, ranges)):
                 check_finite("C", C)  # raises, counting the non-finite entries (NaN reaches the extremes)
             self._cost_range = min(ranges)
@@ -83,7 +83,11 @@ class CostMatrix(Geometry):
         return self.C.to(self.dtype)
 
     def _range_bounds(self):
-        """max C - min C of each problem (B,), float64 (no overflow, no rounding): two reductions
-        over C as stored (any strides)."""
+        return torch.tensor(self._ranges(), dtype=torch.float64, device=self.device)
+
+    def _ranges(self) -> list[float]:
+        """max C - min C of each problem, on the host: two reductions over C as stored (any
+        strides), read back together; the difference in float64 (no overflow, no rounding)."""
         with torch.no_grad():
-            return self.C.amax(dim=(-2, -1)).double() - self.C.amin(dim=(-2, -1)).double()
+            highs, lows = torch.stack((self.C.amax(dim=(-2, -1)), self.C.amin(dim=(-2, -1)))).tolist()
+        return [high - low for high, low in zip(highs, lows, strict=True)]
