@@ -105,6 +105,26 @@ def test_a_start_far_from_the_optimum_goes_through_coarser_eps(gen, iterations, 
     assert laddered < 0.7 * direct
 
 
+def test_the_ladders_stages_are_over_relaxed(gen, monkeypatch):
+    """Each coarse stage measures its own omega and reaches ``LADDER_TOL`` in fewer iterations
+    than the same stage run plain from the same start."""
+    x, y = clouds(80, 80, 2, gen)
+    stages, run = [], scaling_loop.run_scaling_loop
+
+    def recorded(kernel, a, b, f, g, *, max_iter, tol, factor=None):
+        outcome, finished = run(kernel, a, b, f, g, max_iter=max_iter, tol=tol, factor=factor)
+        if tol == scaling_loop.LADDER_TOL:  # a coarse stage: run it again, plain
+            plain, _ = run(kernel, a, b, f, g, max_iter=max_iter, tol=tol)
+            stages.append((kernel.eps, factor.omega, int(outcome.n_iter), int(plain.n_iter), bool(plain.converged)))
+        return outcome, finished
+
+    monkeypatch.setattr(scaling_loop, "run_scaling_loop", recorded)
+    otcore.sinkhorn_divergence(x, y, eps=0.02, tol=1e-4, max_iter=20_000)
+    assert [eps for eps, *_ in stages] == [pytest.approx(0.02 * r) for r in scaling_loop.LADDER]
+    for _, omega, relaxed, plain, converged in stages:
+        assert omega is not None and float(omega) > 1.2 and converged and relaxed < plain
+
+
 def test_tol_zero_takes_no_ladder(gen, iterations, monkeypatch):
     """``tol=0`` (no stopping test) runs exactly ``max_iter`` iterations at eps: the same
     divergence as with the ladder switched off."""

@@ -100,7 +100,7 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True, sharde
     rtol = mass_rtol(compute, *(w.dtype for w in (a, b) if torch.is_tensor(w) and w.is_floating_point()))  # the weights' own precision
     if geom.sharded:  # masses are sums over every process's points
         a, b = _sharded_weights(geom, a, b, batch=batch, dtype=compute, validate=validate)
-        ma, mb = (geom.total(a, 0), geom.total(b, 1)) if balanced else (None, None)
+        ma, mb = geom.total(a, 0), geom.total(b, 1)
         if validate and balanced:
             check_equal_mass(ma.tolist(), mb.tolist(), rtol)
     else:

@@ -89,5 +89,5 @@ class CostMatrix(Geometry):
         """max C - min C of each problem, on the host: two reductions over C as stored (any
         strides), read back together; the difference in float64 (no overflow, no rounding)."""
         with torch.no_grad():
-            highs, lows = torch.stack((self.C.amax(dim=(-2, -1)), self.C.amin(dim=(-2, -1)))).tolist()
+            highs, lows = torch.stack((self.C.amax(dim=(-2, -1)), self.C.amin(dim=(-2, -1)))).reshape(2, -1).tolist()
         return [high - low for high, low in zip(highs, lows, strict=True)]

@@ -176,5 +176,6 @@ def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, a: torch.Tensor | None = No
     u, v = u.expand(*lead, u.shape[-1]), v.expand(*lead, v.shape[-1])
     rtol = mass_rtol(dtype, *(w.dtype for w in (a, b) if torch.is_tensor(w) and w.is_floating_point()))
     wa, wb = _weights("a", a, u), _weights("b", b, v)
-    check_equal_mass(*(m.reshape(-1).tolist() for m in torch.broadcast_tensors(wa.sum(-1), wb.sum(-1))), rtol)
+    masses_a, masses_b = (m.reshape(-1).tolist() for m in torch.broadcast_tensors(wa.sum(-1), wb.sum(-1)))
+    check_equal_mass(masses_a, masses_b, rtol)
     return ot1d_cost(u, v, wa, wb, p, uniform=(a is None, b is None))
