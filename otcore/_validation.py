@@ -118,28 +118,31 @@ def check_weight_values(
     weights: Sequence[tuple[str, torch.Tensor, torch.Tensor]], *, shard: bool = False,
     equal_mass_rtol: float | None = None,
 ) -> None:
-    """Value checks of weights, given as (name, w (B, n), row masses (B,)), read back in one host
-    transfer: each one's smallest entry and its masses (finite unless an entry is not).
+    """Value checks of weights as they are computed, given as (name, w (B, n), row masses (B,)),
+    read back in one host transfer: each one's smallest entry and its masses (finite unless an
+    entry is not).
 
-    Weights must be finite, non-negative and (unless ``shard``: one process's part of a side) of
-    positive mass; zeros are allowed. ``equal_mass_rtol``: the first two must also have equal
-    masses (a balanced problem's a and b), to that relative tolerance.
+    Weights must be finite, non-negative and (unless ``shard``: one process's part of a side,
+    possibly empty) of positive mass; zeros are allowed. ``equal_mass_rtol``: the first two must
+    also have equal masses (a balanced problem's a and b), to that relative tolerance.
     """
-    if any(w.numel() == 0 for _, w, _ in weights):
-        if not shard:
-            raise ValueError(f"{weights[0][0]} has zero total mass; at least one weight must be > 0")
-        weights = [entry for entry in weights if entry[1].numel()]
-        if not weights:
-            return
+    for name, w, _ in weights:
+        if w.numel() == 0 and not shard:
+            raise ValueError(f"{name} has zero total mass; at least one weight must be > 0")
+    present = [entry for entry in weights if entry[1].numel()]
+    if not present:
+        return
     with torch.no_grad():
-        minima = torch.stack([w.amin() for _, w, _ in weights])
-        stats = torch.cat([minima, *(mass.reshape(-1) for _, _, mass in weights)]).tolist()
-    k = len(weights)
-    batch = (len(stats) - k) // k  # every weight has B masses
-    smallest, masses = stats[:k], [stats[k + i * batch:k + (i + 1) * batch] for i in range(k)]
-    for (name, w, _), low, mass in zip(weights, smallest, masses, strict=True):
+        minima = torch.stack([w.amin() for _, w, _ in present])
+        stats = torch.cat([minima, *(mass.reshape(-1) for _, _, mass in present)]).tolist()
+    smallest, masses, at = stats[:len(present)], [], len(present)
+    for _, _, row_masses in present:
+        masses.append(stats[at:at + row_masses.numel()])
+        at += row_masses.numel()
+    for (name, w, _), low, mass in zip(present, smallest, masses, strict=True):
         if not all(map(math.isfinite, mass)) and not bool(torch.isfinite(w).all()):
-            raise ValueError(f"{name} holds {int((~torch.isfinite(w)).sum())} non-finite value(s) (NaN or inf)")
+            raise ValueError(f"{name} holds {int((~torch.isfinite(w)).sum())} non-finite value(s) (NaN or inf) "
+                             f"in {w.dtype}, the dtype it is computed in")
         if low < 0:
             raise ValueError(f"{name} has negative entries (min {low:.3g}); weights must be >= 0")
         if not shard and not min(mass) > 0:

@@ -28,6 +28,33 @@ def test_bad_weights(solver, a, b, match):
         solver(C, a, b)
 
 
+def test_weights_are_checked_in_the_dtype_they_are_computed_in():
+    """A float64 weight beyond float32's range, for a float32 cost, would be inf in the solve: it
+    is refused, naming the weight and the dtype; the same values in float64 are accepted."""
+    weights = torch.tensor([1e39, 1.0, 1.0, 1.0], dtype=F64)
+    with pytest.raises(ValueError, match=r"a holds 1 non-finite value\(s\) \(NaN or inf\) in torch.float32"):
+        otcore.sinkhorn(C.float(), weights, None, eps=0.1, tau_a=0.5)
+    assert otcore.sinkhorn(C, weights, None, eps=0.1, tau_a=0.5, max_iter=5, warn=False).f.isfinite().all()
+
+
+def test_joint_weight_check_names_each_weight():
+    """``check_weight_values`` reads several weights at once: each error names its own weight,
+    whatever the batch sizes of the others, and an empty one is refused unless it is a shard."""
+    from otcore._validation import check_weight_values
+
+    good = torch.full((3, 4), 0.25, dtype=F64)
+    bad = torch.tensor([[0.5, 0.5], [0.5, -0.5]], dtype=F64)
+    with pytest.raises(ValueError, match="b has negative entries"):
+        check_weight_values([("a", good, good.sum(-1)), ("b", bad, bad.sum(-1))])
+    zero_mass = torch.tensor([[0.5, 0.5], [0.0, 0.0]], dtype=F64)
+    with pytest.raises(ValueError, match="b has zero total mass"):
+        check_weight_values([("a", good, good.sum(-1)), ("b", zero_mass, zero_mass.sum(-1))])
+    empty = torch.zeros(3, 0, dtype=F64)
+    with pytest.raises(ValueError, match="b has zero total mass"):
+        check_weight_values([("a", good, good.sum(-1)), ("b", empty, empty.sum(-1))])
+    check_weight_values([("a", good, good.sum(-1)), ("b", empty, empty.sum(-1))], shard=True)
+
+
 @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_eps(eps):
     with pytest.raises(ValueError, match="eps"):

@@ -98,21 +98,28 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True, sharde
             batch = max(batch, w.shape[0])
     geom = geom.broadcast_to(batch)
     rtol = mass_rtol(compute, *(w.dtype for w in (a, b) if torch.is_tensor(w) and w.is_floating_point()))  # the weights' own precision
-    if geom.sharded:  # masses are sums over every process's points
+    if geom.sharded:
         a, b = _sharded_weights(geom, a, b, batch=batch, dtype=compute, validate=validate)
-        ma, mb = geom.total(a, 0), geom.total(b, 1)
-        if validate and balanced:
-            check_equal_mass(ma.tolist(), mb.tolist(), rtol)
+        if balanced:  # masses over every process's points
+            ma, mb = geom.total(a, 0), geom.total(b, 1)
+            if validate:
+                check_equal_mass(ma.tolist(), mb.tolist(), rtol)
+            b = _to_mass(b, ma, mb)
     else:
         a = prepare_weights("a", a, n=n, batch=batch, dtype=compute, device=geom.device)
         b = prepare_weights("b", b, n=m, batch=batch, dtype=compute, device=geom.device)
         ma, mb = a.sum(-1), b.sum(-1)
         if validate:
             check_weight_values((("a", a, ma), ("b", b, mb)), equal_mass_rtol=rtol if balanced else None)
-    if balanced:
-        # equal to the last bit, as a balanced problem needs (gaps within the weights' rounding)
-        b = b * (ma / mb).detach().unsqueeze(-1)
+        if balanced:
+            b = _to_mass(b, ma, mb)
     return Problem(geom=geom, a=a, b=b, batched=batched, out_dtype=out_dtype)
+
+
+def _to_mass(b: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+    """b (B, m) rescaled from its masses mb (B,) to a's, ma: equal to the last bit, as a balanced
+    problem needs (the factor is within the weights' rounding, and constant in autograd)."""
+    return b * (ma / mb).detach().unsqueeze(-1)
 
 
 def _sharded_weights(

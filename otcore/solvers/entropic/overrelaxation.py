@@ -45,8 +45,10 @@ QUIET = 1e-2
 
 
 class RelaxationFactor:
-    """Young's omega for a batch of B problems, from the marginal errors observed at the target
-    eps: plain (None) until iteration ``WINDOW``, then per problem, backed off on a blow-up."""
+    """Young's omega for a batch of B problems, from the marginal errors observed at the eps of
+    the iterations it relaxes (the target eps; a stage of ``scaling_loop``'s coarse-eps ladder has
+    one of its own): plain (None) until iteration ``WINDOW``, then per problem, backed off on a
+    blow-up."""
 
     def __init__(self, rounding: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  tol: float = 0.0):
