@@ -61,6 +61,28 @@ def test_direct_newton_matches_sparse_and_pot(gen, n, m):
     torch.testing.assert_close(pair(direct), pair(sparse), rtol=1e-8, atol=1e-10)
 
 
+def test_a_failed_factorisation_is_a_rejected_step(gen, monkeypatch):
+    """Where the Schur complement does not factor (``cholesky_ex`` reports it, as for a plan close
+    to a permutation), the direct path rejects the step and shifts more: it still reaches the
+    plan of the unhindered solve, in more Newton iterations."""
+    x, y = clouds(30, 25, 2, gen)
+    C, a, b = sqdist(x, y), simplex(30, gen), simplex(25, gen)
+    eps = 0.005 * float(C.max())
+    plain = otcore.sns(C, a, b, eps=eps, tol=1e-11, hessian="direct")
+    factor, calls = torch.linalg.cholesky_ex, []
+
+    def failing_thrice(S):
+        calls.append(1)
+        L, info = factor(S)
+        return L, (info + 1 if len(calls) <= 3 else info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_thrice)
+    hindered = otcore.sns(C, a, b, eps=eps, tol=1e-11, hessian="direct")
+    assert len(calls) > 3 and bool(hindered.converged)
+    assert int(hindered.info["newton_iter"][0]) > int(plain.info["newton_iter"][0])
+    assert (hindered.plan - plain.plan).abs().sum() <= 1e-9
+
+
 def test_newton_direction_equals_dense_solve(gen):
     n, m, eps = 7, 5, 0.3
     C = torch.rand(1, n, m, generator=gen, dtype=F64)

@@ -91,11 +91,11 @@ def direct_newton(C, a, b, eps, *, tol, max_iter, sinkhorn_iter):
 
 class _Point:
     """Scaled potentials z = (phi, psi) (n + m,) with the plan P (n, m), its marginals
-    rc = (P1, P^T 1), the gradient ab - rc, the dual value / eps (up to a constant) and the L1
-    marginal error (host floats). ``drift``: the scalings applied to P since it was computed
-    from z (0: computed, which ``P=None`` asks for)."""
+    rc = (P1, P^T 1), the gradient ab - rc, and as host floats (one read) the dual value / eps
+    (up to a constant), the L1 marginal error and the gradient's 2-norm. ``drift``: the
+    scalings applied to P since it was computed from z (0: computed, which ``P=None`` asks for)."""
 
-    __slots__ = ("P", "drift", "error", "grad", "rc", "value", "z")
+    __slots__ = ("P", "drift", "error", "grad", "grad_norm", "rc", "value", "z")
 
     def __init__(self, solver, z, P=None, drift=0.0):
         if P is None:
@@ -104,8 +104,9 @@ class _Point:
         rows = P.sum(-1)
         self.rc = torch.cat((rows, P.sum(-2)))
         self.grad = torch.sub(solver.ab, self.rc)
-        self.value = float(solver.ab.dot(z) - rows.sum())
-        self.error = float(torch.linalg.vector_norm(self.grad, 1))
+        norm = torch.linalg.vector_norm
+        self.value, self.error, self.grad_norm = torch.stack(
+            (solver.ab.dot(z) - rows.sum(), norm(self.grad, 1), norm(self.grad))).tolist()
 
 
 class _Trial:
@@ -236,7 +237,7 @@ class _Solver:
         (slope <grad, d>, curvature d^T (H + lam I) d, a bound on |d_i + d_j|), or None when S is
         not positive definite."""
         n, P, grad = self.n, point.P, point.grad
-        lam = mu * float(torch.linalg.vector_norm(grad))
+        lam = mu * point.grad_norm
         shifted = point.rc + lam  # (r + lam, c + lam)
         if self.rows_out:  # eliminated side e, kept side k
             Pe, ge, gk, De, Dk = P, grad[:n], grad[n:], shifted[:n], shifted[n:]
@@ -250,13 +251,14 @@ class _Solver:
         W = Pe / De.unsqueeze(-1)  # diag(r + lam)^-1 P when the rows are eliminated
         S = torch.sub(self.gauge, torch.mm(W.mT, Pe))
         S.diagonal().add_(Dk)
-        L, info = torch.linalg.cholesky_ex(S)
-        if info.item():
-            return None
+        L, info = torch.linalg.cholesky_ex(S)  # info (read with the model terms): 0 when S factored
         xk = torch.cholesky_solve(torch.addmv(gk, W.mT, ge, alpha=-1).unsqueeze(-1), L).squeeze(-1)
         xe = torch.addmv(ge, Pe, xk, alpha=-1).div_(De)
         d = torch.cat((xe, xk) if self.rows_out else (xk, xe))
-        slope, wx, top = torch.stack((grad.dot(d), self.kept.dot(xk), torch.linalg.vector_norm(d, math.inf))).tolist()
+        slope, wx, top, failed = torch.stack((grad.dot(d), self.kept.dot(xk), torch.linalg.vector_norm(d, math.inf),
+                                              info.to(d.dtype))).tolist()
+        if failed:
+            return None
         # d^T (H + lam I) d: the system solved adds the gauge term (w^T x_k)^2 / |w|_1
         return d, slope, slope - wx**2 / self.mass, 2 * top
 
