@@ -108,7 +108,8 @@ def prepare_problem(cost, a, b, *, balanced: bool, validate: bool = True, sharde
     else:
         a = prepare_weights("a", a, n=n, batch=batch, dtype=compute, device=geom.device)
         b = prepare_weights("b", b, n=m, batch=batch, dtype=compute, device=geom.device)
-        ma, mb = a.sum(-1), b.sum(-1)
+        if validate or balanced:
+            ma, mb = geom.total(a, 0), geom.total(b, 1)
         if validate:
             check_weight_values((("a", a, ma), ("b", b, mb)), equal_mass_rtol=rtol if balanced else None)
         if balanced:
