@@ -13,7 +13,7 @@ from conftest import F64, clouds, simplex, sqdist
 import otcore
 from otcore._precision import exp_above_tiny_
 from otcore.solvers.entropic import scaling
-from otcore.solvers.entropic.scaling_loop import MAX_INTERVAL
+from otcore.solvers.entropic.scaling_loop import CHECK_ENTRIES, MAX_INTERVAL, SMALL_ENTRIES, _Schedule
 
 
 @pytest.fixture
@@ -196,3 +196,16 @@ def test_kernel_entries_below_the_normal_range_are_exact_zeros(dtype):
     torch.testing.assert_close(out[kept].double(), ref[kept], rtol=4 * torch.finfo(dtype).eps, atol=0)
     assert bool((out[ref < tiny] == 0).all())
     assert not bool(((out > 0) & (out < tiny)).any())
+
+
+def test_checks_of_a_small_problem_are_least_apart_unless_convergence_is_predicted_sooner():
+    schedule = _Schedule(2, 2, marks=(), least=8)
+    both = torch.ones(2, dtype=torch.bool)
+    schedule.measured(2, both, torch.tensor([0.5, 0.5], dtype=F64), tol=1e-9)
+    assert schedule.next.tolist() == [3, 3]  # after a first error, the next iteration gives its contraction
+    # problem 0 contracts by 1/2 an iteration (tol in ~28 more); problem 1 by 1/100 (tol in 3.4)
+    schedule.measured(3, both, torch.tensor([0.5 * 0.5, 0.5 * 0.01], dtype=F64), tol=1e-9)
+    assert schedule.next.tolist() == [3 + 8, 3 + 4]
+    assert _Schedule(1, 2, marks=(), least=1).interval.tolist() == [1]
+    # the least interval a kernel's size gives: 8 at 64 x 64, 1 from 181 x 181 on
+    assert CHECK_ENTRIES // max(64 * 64, SMALL_ENTRIES) == 8 and CHECK_ENTRIES // (181 * 181) == 1
