@@ -2,11 +2,13 @@
 
 import ot
 import pytest
+import scipy.linalg
 import torch
 from conftest import F64, clouds, simplex, sqdist
 
 import otcore
 from otcore.core.problem import prepare_problem
+from otcore.solvers.entropic import newton_direct
 from otcore.solvers.entropic.sns import _DualState, newton_direction
 
 
@@ -61,22 +63,41 @@ def test_direct_newton_matches_sparse_and_pot(gen, n, m):
     torch.testing.assert_close(pair(direct), pair(sparse), rtol=1e-8, atol=1e-10)
 
 
-def test_a_failed_factorisation_is_a_rejected_step(gen, monkeypatch):
-    """Where the Schur complement does not factor (``cholesky_ex`` reports it, as for a plan close
-    to a permutation), the direct path rejects the step and shifts more: it still reaches the
-    plan of the unhindered solve, in more Newton iterations."""
+@pytest.mark.parametrize("factoring", ["lapack", "torch"])
+def test_a_failed_factorisation_is_a_rejected_step(gen, monkeypatch, factoring):
+    """Where the Schur complement does not factor (LAPACK's potrf or ``cholesky_ex`` reports it,
+    as for a plan close to a permutation), the direct path rejects the step and shifts more: it
+    still reaches the plan of the unhindered solve, in more Newton iterations."""
     x, y = clouds(30, 25, 2, gen)
     C, a, b = sqdist(x, y), simplex(30, gen), simplex(25, gen)
     eps = 0.005 * float(C.max())
+    if factoring == "torch":  # the path of GPUs and large systems
+        monkeypatch.setattr(newton_direct, "LAPACK_MAX_ENTRIES", 0)
     plain = otcore.sns(C, a, b, eps=eps, tol=1e-11, hessian="direct")
-    factor, calls = torch.linalg.cholesky_ex, []
+    calls = []
+    if factoring == "torch":
+        factor = torch.linalg.cholesky_ex
 
-    def failing_thrice(S):
-        calls.append(1)
-        L, info = factor(S)
-        return L, (info + 1 if len(calls) <= 3 else info)
+        def failing_thrice(S):
+            calls.append(1)
+            L, info = factor(S)
+            return L, (info + 1 if len(calls) <= 3 else info)
 
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_thrice)
+        monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_thrice)
+    else:
+        lapack = scipy.linalg.get_lapack_funcs
+
+        def with_failing_potrf(names, arrays):
+            potrf, potrs = lapack(names, arrays)
+
+            def failing_thrice(S, **kwargs):
+                calls.append(1)
+                L, info = potrf(S, **kwargs)
+                return L, (info + 1 if len(calls) <= 3 else info)
+
+            return failing_thrice, potrs
+
+        monkeypatch.setattr(newton_direct.scipy.linalg, "get_lapack_funcs", with_failing_potrf)
     hindered = otcore.sns(C, a, b, eps=eps, tol=1e-11, hessian="direct")
     assert len(calls) > 3 and bool(hindered.converged)
     assert int(hindered.info["newton_iter"][0]) > int(plain.info["newton_iter"][0])
