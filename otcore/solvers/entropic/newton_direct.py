@@ -225,7 +225,7 @@ class _Solver:
     @staticmethod
     def _reach(scales):
         """max |log scales| (inf when a scale is 0, infinite or NaN)."""
-        low, high = (float(t) for t in torch.aminmax(scales))
+        low, high = torch.stack(torch.aminmax(scales)).tolist()  # one host read
         return max(-math.log(low), math.log(high)) if low > 0 and high < math.inf else math.inf
 
     def _ratio(self, weights, sums, zero):
@@ -248,7 +248,7 @@ class _Solver:
             De = De.clamp_min(torch.finfo(De.dtype).tiny)
         # entries below sqrt(tiny) weigh nothing in S (their products are below tiny), and products
         # that round to subnormals make the matrix product many times slower: they are dropped
-        Pe = torch.nn.functional.threshold(Pe, 2.0 * math.sqrt(torch.finfo(Pe.dtype).tiny), 0.0)
+        Pe = torch.threshold(Pe, 2.0 * math.sqrt(torch.finfo(Pe.dtype).tiny), 0.0)
         W = Pe / De.unsqueeze(-1)  # diag(r + lam)^-1 P when the rows are eliminated
         solved = _schur_solve(self.gauge, W, Pe, Dk, torch.addmv(gk, W.mT, ge, alpha=-1))
         if solved is None:
