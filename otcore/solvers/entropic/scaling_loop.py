@@ -416,21 +416,24 @@ def _relaxed(xp, s_prev, s, omega, positive):
     return relaxed if positive is None else xp.where(positive, relaxed, s)
 
 
-#: Largest kernel (entries) whose products run on NumPy while torch uses several threads.
+#: Largest float32 kernel (entries) whose products run on NumPy while torch uses several threads.
 NUMPY_MAX_ENTRIES = 2**18
 
 
 def _arrays(*tensors: torch.Tensor | None) -> tuple[Any, tuple]:
     """(module, arrays) the iterations run on, given the kernel first: NumPy views of CPU
-    tensors (no copies; NumPy's BLAS computes a matrix-vector product 1.3 to 4 times faster than
+    tensors (no copies; NumPy's BLAS computes a matrix-vector product 1.2 to 8 times faster than
     torch's on a CPU, and its small element-wise operations cost less), the tensors themselves
-    elsewhere. NumPy only where torch runs one thread or the kernel has at most
-    ``NUMPY_MAX_ENTRIES`` entries: larger BLAS products spread over threads that contend with
-    torch's own waiting ones (measured 10 times slower at 700 x 700 on 2 cores, torch's default
-    2 threads). None stays None."""
+    elsewhere. A float32 kernel of more than ``NUMPY_MAX_ENTRIES`` entries stays on torch while
+    torch runs several threads: BLAS's worker threads then slow the solve (700 x 700 at eps =
+    0.002: 59 to 140 ms on NumPy, 30 to 37 ms on torch; with OpenBLAS on one thread NumPy takes
+    31 ms, so likely products gone subnormal in workers that ``flushed_subnormals`` does not
+    reach, which float32's small normal range makes common). A float64 kernel of any size runs on
+    NumPy (its products stay normal; measured 600 x 600 to 3000 x 3000 at eps = 0.002 and 0.01,
+    absorptions included: 1.1 to 2.1 times faster). None stays None."""
     kernel = tensors[0]
     if kernel is not None and kernel.device.type == "cpu" and (
-            torch.get_num_threads() == 1 or kernel.numel() <= NUMPY_MAX_ENTRIES):
+            torch.get_num_threads() == 1 or kernel.dtype == torch.float64 or kernel.numel() <= NUMPY_MAX_ENTRIES):
         return np, tuple(None if t is None else t.detach().numpy() for t in tensors)
     return torch, tensors
 
