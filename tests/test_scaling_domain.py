@@ -207,5 +207,6 @@ def test_checks_of_a_small_problem_are_least_apart_unless_convergence_is_predict
     schedule.measured(3, both, torch.tensor([0.5 * 0.5, 0.5 * 0.01], dtype=F64), tol=1e-9)
     assert schedule.next.tolist() == [3 + 8, 3 + 4]
     assert _Schedule(1, 2, marks=(), least=1).interval.tolist() == [1]
-    # the least interval a kernel's size gives: 8 at 64 x 64, 1 from 181 x 181 on
-    assert CHECK_ENTRIES // max(64 * 64, SMALL_ENTRIES) == 8 and CHECK_ENTRIES // (181 * 181) == 1
+    # the least interval a kernel's size gives: 8 at 64 x 64 and below, 2 at 128 x 128, 1 from 129 x 129 on
+    least = [CHECK_ENTRIES // max(n * n, SMALL_ENTRIES) for n in (8, 64, 128, 129)]
+    assert least == [8, 8, 2, 1]

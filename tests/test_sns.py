@@ -72,7 +72,7 @@ def test_a_failed_factorisation_is_a_rejected_step(gen, monkeypatch, factoring):
     C, a, b = sqdist(x, y), simplex(30, gen), simplex(25, gen)
     eps = 0.005 * float(C.max())
     if factoring == "torch":  # the path of GPUs and large systems
-        monkeypatch.setattr(newton_direct, "LAPACK_MAX_ENTRIES", 0)
+        monkeypatch.setattr(newton_direct, "LAPACK_MAX_WORK", 0)
     plain = otcore.sns(C, a, b, eps=eps, tol=1e-11, hessian="direct")
     calls = []
     if factoring == "torch":

@@ -312,24 +312,26 @@ class _Solver:
 
 
 
-#: Largest Schur complement (entries) formed by NumPy and factored through SciPy's LAPACK on a CPU
-#: (larger ones: torch). From about 100 x 100 on, OpenBLAS runs the product on several threads,
-#: which keep spinning after it and slow torch's own (measured: a 128 x 128 solve 2.2-4.5 ms with
-#: torch alone, 24-43 ms with both).
-LAPACK_MAX_ENTRIES = 2**13
+#: Largest Schur complement product, k^2 n_e multiply-adds (k: the kept side, n_e: the eliminated
+#: one), formed by NumPy and factored through SciPy's LAPACK on a CPU (larger ones: torch). Beyond
+#: about 100^3 OpenBLAS runs the product on several threads, which keep spinning after it and
+#: slow torch's own (measured: a 128 x 128 solve 2-4 ms with torch alone, 24-43 ms with both;
+#: 500 x 64, 8.4 ms against 4.3 ms).
+LAPACK_MAX_WORK = 2**19
 
 
 def _schur_solve(gauge, W, Pe, Dk, rhs):
-    """(x, info) with x (k,) solving S x = rhs for S = gauge - W^T Pe + diag(Dk) (k, k) by
-    Cholesky; None when S is not positive definite to working precision.
+    """(x, info) with x (k,) solving S x = rhs for S = gauge - W^T Pe + diag(Dk) (k, k), W and Pe
+    (n_e, k), by Cholesky.
 
-    A CPU S of at most ``LAPACK_MAX_ENTRIES`` entries is formed by NumPy and factored by SciPy's
-    LAPACK (info None): at k = 64 in a third of the time of torch's product, ``cholesky_ex`` and
-    ``cholesky_solve`` (~70 us against ~190 us, mostly per-call overhead). Otherwise torch's, and
-    info is ``cholesky_ex``'s status (0 when S factored), for the caller to read with its own
-    host read."""
+    On a CPU, within ``LAPACK_MAX_WORK``, S is formed by NumPy and factored by SciPy's LAPACK:
+    at k = n_e = 64 in a third of the time of torch's product, ``cholesky_ex`` and
+    ``cholesky_solve`` (~70 us against ~190 us, mostly per-call overhead); info is None, and the
+    result None when S is not positive definite to working precision. Otherwise torch's, and
+    info is ``cholesky_ex``'s status (nonzero when S did not factor), for the caller to read
+    with its own host read."""
     k = Dk.shape[-1]
-    if Dk.device.type == "cpu" and k * k <= LAPACK_MAX_ENTRIES:
+    if Dk.device.type == "cpu" and k * k * Pe.shape[-2] <= LAPACK_MAX_WORK:
         S = gauge.numpy() - W.numpy().T @ Pe.numpy()
         S.flat[:: k + 1] += Dk.numpy()
         potrf, potrs = scipy.linalg.get_lapack_funcs(("potrf", "potrs"), (S,))

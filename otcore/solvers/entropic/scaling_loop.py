@@ -11,9 +11,10 @@ divergence's debiasing terms), p = p0 - eps log r, takes averaged updates
 r <- sqrt(r K~ (w / r)) the same way (Feydy et al. 2019, Sec. 3.1). The rest happens at checks:
 
 * each problem's error is measured on its own schedule, every k iterations with k adapted to
-  its measured contraction (doubling up to ``MAX_INTERVAL``, and to a quarter of the
-  iterations run, or ``YOUNG_INTERVAL``; shortened to land on its predicted
-  convergence), so that a problem's result does not depend on the batch it is solved in; it
+  its measured contraction (the next iteration after its first error; then doubling up to
+  ``MAX_INTERVAL``, and to a quarter of the iterations run, or ``YOUNG_INTERVAL``, but at
+  least what a check costs in iterations of its size, ``CHECK_ENTRIES``; shortened to land on
+  its predicted convergence), so that a problem's result does not depend on the batch it is solved in; it
   stops at the first of its checks whose error is <= tol, with the iterate measured there (so
   up to k - 1 iterations after the first iterate that met tol). The error is the marginal
   error sum_i a_i |s_i / s'_i - 1| of the iterate one iteration back (``dual.row_error`` in
@@ -57,8 +58,8 @@ from otcore.core.loop import LoopOutcome
 from otcore.solvers.entropic.overrelaxation import WINDOW, RelaxationFactor
 from otcore.solvers.entropic.scaling import StabilisedKernel, stabilised_kernel
 
-#: Longest stretch of iterations between two checks of a problem (a check costs about ten
-#: iterations of a 500 x 500 problem in host reads and small operations) ...
+#: Longest stretch of iterations between two checks of a problem (a check costs about one
+#: iteration of a 180 x 180 problem in host reads and small operations: ``CHECK_ENTRIES``) ...
 MAX_INTERVAL = 64
 #: ... and the longest while the problem has run fewer than 4 MAX_INTERVAL iterations: a
 #: stretch is at most a quarter of the iterations run (or this), so a check past convergence
@@ -67,9 +68,9 @@ YOUNG_INTERVAL = 16
 #: A check costs about as much host work (~100 us on a CPU) as 8 iterations of a kernel of
 #: ``SMALL_ENTRIES`` = 64 x 64 entries or fewer (iterations there are mostly per-operation
 #: overhead), or as one of ``CHECK_ENTRIES``: a problem whose kernel has n m entries goes at least
-#: CHECK_ENTRIES // max(n m, SMALL_ENTRIES) iterations between its checks, unless it is predicted
-#: to converge sooner (measured on 64-bin histograms to 1e-9: 7 checks instead of 11, 25 % less
-#: time; 256 bins: 8 instead of 10).
+#: CHECK_ENTRIES // max(n m, SMALL_ENTRIES) iterations between its checks (8 at 64 x 64, 2 at
+#: 128 x 128, 1 from 129 x 129 on) once its contraction is measured, unless it is predicted to
+#: converge sooner (64-bin histograms to 1e-9: 8 checks instead of 11, about 25 % less time).
 CHECK_ENTRIES, SMALL_ENTRIES = 2**15, 2**12
 
 
@@ -94,21 +95,21 @@ LADDER_PROBE, LADDER, LADDER_TOL = 50, (4.0, 2.0), 1e-3
 
 class _Cross:
     """A balanced problem's iterate in scaling form: sums s (B, n), t (B, m) against K~, held
-    with K~ and the weights as arrays of the module ``xp`` the iterations run on (``_arrays``)."""
+    with K~ and the weights as arrays of the module ``xp`` the iterations run on (``_module``)."""
 
     def __init__(self, kernel: StabilisedKernel, a, b, f, g, factor: RelaxationFactor | None):
-        self.kernel, self.factor = kernel, factor
+        self.kernel, self.factor, self.xp = kernel, factor, _module(kernel.geom)
         self.cold = False  # whether it ever started at the hard c-transforms
         self.positive = a > 0
         self.zero_weight = not bool(self.positive.all())
+        self.a_, self.b_, self.positive_ = _as(self.xp, a, b, self.positive)
         self.absorb(f, g)
-        _, (_, self.a_, self.b_, self.positive_) = _arrays(self.K, a, b, self.positive)
 
     def absorb(self, f: torch.Tensor | None, g: torch.Tensor | None) -> None:
         """Rebuild K~ at (f, g) (None: ``StabilisedKernel.rebuild``'s hard c-transforms): the
         checked iterate becomes s = t = 1."""
         self.K, self.f0, self.g0 = self.kernel.rebuild(f, g)
-        self.xp, (self.K_,) = _arrays(self.K)
+        (self.K_,) = _as(self.xp, self.K)
         self.s, self.t = self.xp.ones_like(self.K_[..., 0]), self.xp.ones_like(self.K_[..., 0, :])
         self.cold = self.cold or f is None
 
@@ -125,7 +126,7 @@ class _Cross:
         """``count`` iterations from the checked iterate: (error (B,) of the iterate one
         iteration back, and ``_range`` of the sums the check tests)."""
         xp, K, a, b, s, t = self.xp, self.K_, self.a_, self.b_, self.s, self.t
-        omega = None if self.factor is None or self.factor.omega is None else _arrays(self.K, self.factor.omega)[1][1]
+        (omega,) = _as(xp, None if self.factor is None else self.factor.omega)
         positive = self.positive_ if self.zero_weight else None
         with np.errstate(all="ignore"):  # a sum that under- or overflows is the check's to find
             for _ in range(count):  # nothing but these four operations (five with omega)
@@ -165,11 +166,11 @@ class _Symmetric:
     factor = None
 
     def __init__(self, kernel: StabilisedKernel, w, p):
-        self.kernel = kernel
+        self.kernel, self.xp = kernel, _module(kernel.geom)
         self.positive = w > 0
         self.zero_weight = not bool(self.positive.all())
+        self.w_, self.positive_ = _as(self.xp, w, self.positive)
         self.absorb(p)
-        _, (_, self.w_, self.positive_) = _arrays(self.K, w, self.positive)
 
     def restart_cold(self) -> bool:
         """No other start to try (see ``_Cross.restart_cold``)."""
@@ -177,7 +178,7 @@ class _Symmetric:
 
     def absorb(self, p: torch.Tensor) -> None:
         self.K, self.p0, _ = self.kernel.rebuild(p, p)
-        self.xp, (self.K_,) = _arrays(self.K)
+        (self.K_,) = _as(self.xp, self.K)
         self.r = self.xp.ones_like(self.K_[..., 0])
 
     def run(self, count: int) -> tuple[torch.Tensor, float, float]:
@@ -397,7 +398,7 @@ class _Schedule:
             contracting = (theta < 1) & (err > tol) & np.isfinite(remaining)  # (nan_to_num costs 30 us)
             predicted = np.where(contracting, remaining, MAX_INTERVAL)
             interval = np.minimum(interval, np.maximum(np.ceil(predicted), 1).astype(np.int64))
-        interval = np.where(np.isfinite(self.last_error), interval, 1)  # a first error: its contraction next
+        interval = np.where(self.last_check > 0, interval, 1)  # a first error: its contraction next
         self.interval = np.where(chosen, interval, self.interval)
         self.next = np.where(chosen, it + self.interval, self.next)
         self.last_error = np.where(chosen, err, self.last_error)
@@ -420,22 +421,29 @@ def _relaxed(xp, s_prev, s, omega, positive):
 NUMPY_MAX_ENTRIES = 2**18
 
 
-def _arrays(*tensors: torch.Tensor | None) -> tuple[Any, tuple]:
-    """(module, arrays) the iterations run on, given the kernel first: NumPy views of CPU
-    tensors (no copies; NumPy's BLAS computes a matrix-vector product 1.2 to 8 times faster than
-    torch's on a CPU, and its small element-wise operations cost less), the tensors themselves
-    elsewhere. A float32 kernel of more than ``NUMPY_MAX_ENTRIES`` entries stays on torch while
+def _module(geom) -> Any:
+    """The module the iterations on ``geom``'s kernel run on: NumPy for CPU tensors (``_as``
+    makes views, no copies; NumPy's BLAS computes a matrix-vector product 1.2 to 8 times faster
+    than torch's on a CPU, and its small element-wise operations cost less), torch elsewhere. A float32 kernel of more than ``NUMPY_MAX_ENTRIES`` entries stays on torch while
     torch runs several threads: BLAS's worker threads then slow the solve (700 x 700 at eps =
     0.002: 59 to 140 ms on NumPy, 30 to 37 ms on torch; with OpenBLAS on one thread NumPy takes
     31 ms, so likely products gone subnormal in workers that ``flushed_subnormals`` does not
     reach, which float32's small normal range makes common). A float64 kernel of any size runs on
     NumPy (its products stay normal; measured 600 x 600 to 3000 x 3000 at eps = 0.002 and 0.01,
-    absorptions included: 1.1 to 2.1 times faster). None stays None."""
-    kernel = tensors[0]
-    if kernel is not None and kernel.device.type == "cpu" and (
-            torch.get_num_threads() == 1 or kernel.dtype == torch.float64 or kernel.numel() <= NUMPY_MAX_ENTRIES):
-        return np, tuple(None if t is None else t.detach().numpy() for t in tensors)
-    return torch, tensors
+    absorptions included: 1.1 to 2.1 times faster)."""
+    B, n, m = geom.shape
+    if geom.device.type == "cpu" and (
+            torch.get_num_threads() == 1 or geom.dtype == torch.float64 or B * n * m <= NUMPY_MAX_ENTRIES):
+        return np
+    return torch
+
+
+def _as(xp, *tensors: torch.Tensor | None) -> tuple:
+    """``tensors`` as arrays of the module ``xp`` (``_module``): NumPy views (no copies), or the
+    tensors themselves; None stays None."""
+    if xp is np:
+        return tuple(None if t is None else t.detach().numpy() for t in tensors)
+    return tensors
 
 
 def _range(xp, *sums) -> tuple[float, float]:
@@ -454,5 +462,5 @@ def _range(xp, *sums) -> tuple[float, float]:
 
 
 def _tensors(*arrays) -> tuple[torch.Tensor, ...]:
-    """The results of ``_arrays``' iterations as tensors (views of NumPy arrays)."""
+    """The results of iterations on ``_as``' arrays as tensors (views of NumPy arrays)."""
     return tuple(torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in arrays)
