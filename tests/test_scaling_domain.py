@@ -13,7 +13,7 @@ from conftest import F64, clouds, simplex, sqdist
 import otcore
 from otcore._precision import exp_above_tiny_
 from otcore.solvers.entropic import scaling
-from otcore.solvers.entropic.scaling_loop import CHECK_ENTRIES, MAX_INTERVAL, SMALL_ENTRIES, _Schedule
+from otcore.solvers.entropic.scaling_loop import MAX_INTERVAL, _Schedule, least_interval
 
 
 @pytest.fixture
@@ -199,14 +199,15 @@ def test_kernel_entries_below_the_normal_range_are_exact_zeros(dtype):
 
 
 def test_checks_of_a_small_problem_are_least_apart_unless_convergence_is_predicted_sooner():
-    schedule = _Schedule(2, 2, marks=(), least=8)
     both = torch.ones(2, dtype=torch.bool)
-    schedule.measured(2, both, torch.tensor([0.5, 0.5], dtype=F64), tol=1e-9)
-    assert schedule.next.tolist() == [3, 3]  # after a first error, the next iteration gives its contraction
-    # problem 0 contracts by 1/2 an iteration (tol in ~28 more); problem 1 by 1/100 (tol in 3.4)
-    schedule.measured(3, both, torch.tensor([0.5 * 0.5, 0.5 * 0.01], dtype=F64), tol=1e-9)
-    assert schedule.next.tolist() == [3 + 8, 3 + 4]
-    assert _Schedule(1, 2, marks=(), least=1).interval.tolist() == [1]
-    # the least interval a kernel's size gives: 8 at 64 x 64 and below, 2 at 128 x 128, 1 from 129 x 129 on
-    least = [CHECK_ENTRIES // max(n * n, SMALL_ENTRIES) for n in (8, 64, 128, 129)]
-    assert least == [8, 8, 2, 1]
+    nexts = {}
+    for least in (8, 1):
+        schedule = _Schedule(2, 2, marks=(), least=least)
+        schedule.measured(2, both, torch.tensor([0.5, 0.5], dtype=F64), tol=1e-9)
+        assert schedule.next.tolist() == [3, 3]  # after a first error, the next iteration gives its contraction
+        # problem 0 contracts by 1/2 an iteration (tol in ~28 more); problem 1 by 1/100 (tol in 3.4)
+        schedule.measured(3, both, torch.tensor([0.5 * 0.5, 0.5 * 0.01], dtype=F64), tol=1e-9)
+        nexts[least] = schedule.next.tolist()
+    assert nexts == {8: [3 + 8, 3 + 4], 1: [3 + 2, 3 + 2]}  # least, else the doubled interval; or the prediction
+    # what a check costs in iterations of each size
+    assert [least_interval(k, k) for k in (8, 64, 128, 129, 500)] == [8, 8, 2, 1, 1]

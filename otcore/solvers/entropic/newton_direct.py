@@ -311,7 +311,6 @@ class _Solver:
         return point, n_iter
 
 
-
 #: Largest Schur complement product, k^2 n_e multiply-adds (k: the kept side, n_e: the eliminated
 #: one), formed by NumPy and factored through SciPy's LAPACK on a CPU (larger ones: torch). Beyond
 #: about 100^3 OpenBLAS runs the product on several threads, which keep spinning after it and

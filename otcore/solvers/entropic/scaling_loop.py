@@ -13,9 +13,9 @@ r <- sqrt(r K~ (w / r)) the same way (Feydy et al. 2019, Sec. 3.1). The rest hap
 * each problem's error is measured on its own schedule, every k iterations with k adapted to
   its measured contraction (the next iteration after its first error; then doubling up to
   ``MAX_INTERVAL``, and to a quarter of the iterations run, or ``YOUNG_INTERVAL``, but at
-  least what a check costs in iterations of its size, ``CHECK_ENTRIES``; shortened to land on
-  its predicted convergence), so that a problem's result does not depend on the batch it is solved in; it
-  stops at the first of its checks whose error is <= tol, with the iterate measured there (so
+  least what a check costs in iterations of its size, ``least_interval``; shortened to land on
+  its predicted convergence), so that a problem's result does not depend on the batch it is
+  solved in; it stops at the first of its checks whose error is <= tol, with the iterate measured there (so
   up to k - 1 iterations after the first iterate that met tol). The error is the marginal
   error sum_i a_i |s_i / s'_i - 1| of the iterate one iteration back (``dual.row_error`` in
   scaling form; its column marginals are exact);
@@ -67,11 +67,16 @@ MAX_INTERVAL = 64
 YOUNG_INTERVAL = 16
 #: A check costs about as much host work (~100 us on a CPU) as 8 iterations of a kernel of
 #: ``SMALL_ENTRIES`` = 64 x 64 entries or fewer (iterations there are mostly per-operation
-#: overhead), or as one of ``CHECK_ENTRIES``: a problem whose kernel has n m entries goes at least
-#: CHECK_ENTRIES // max(n m, SMALL_ENTRIES) iterations between its checks (8 at 64 x 64, 2 at
-#: 128 x 128, 1 from 129 x 129 on) once its contraction is measured, unless it is predicted to
-#: converge sooner (64-bin histograms to 1e-9: 8 checks instead of 11, about 25 % less time).
+#: overhead), or as one of ``CHECK_ENTRIES`` (see ``least_interval``).
 CHECK_ENTRIES, SMALL_ENTRIES = 2**15, 2**12
+
+
+def least_interval(n: int, m: int) -> int:
+    """The fewest iterations between two checks of an (n, m) problem once its contraction is
+    measured, unless it is predicted to converge sooner: what a check costs in its iterations,
+    CHECK_ENTRIES // max(n m, SMALL_ENTRIES) (8 at 64 x 64, 2 at 128 x 128, 1 from 129 x 129 on;
+    64-bin histograms to 1e-9: 8 checks instead of 11, about 25 % less time)."""
+    return max(1, CHECK_ENTRIES // max(n * m, SMALL_ENTRIES))
 
 
 #: A cross problem (``run_laddered_scaling_loop``, cold or warm-started) whose error is still above
@@ -304,8 +309,8 @@ def _iterate(problem, start: tuple[torch.Tensor, ...], *, max_iter: int, tol: fl
     converged, failed = torch.zeros_like(active), torch.zeros_like(active)
     n_iter = torch.zeros(B, dtype=torch.int64, device=device)
     error = torch.full((B,), math.inf, dtype=ref.dtype, device=device)
-    least = max(1, CHECK_ENTRIES // max(math.prod(problem.K.shape[-2:]), SMALL_ENTRIES))
-    schedule = _Schedule(B, first_check, marks=(WINDOW // 2, WINDOW) if factor else (), least=least)
+    schedule = _Schedule(B, first_check, marks=(WINDOW // 2, WINDOW) if factor else (),
+                         least=least_interval(*problem.K.shape[-2:]))
     at, built, careful, safe = 0, 0, False, first_check  # checked iteration, K~'s, rolling back, iterations safe ahead
 
     def outcome() -> LoopOutcome:
@@ -424,8 +429,9 @@ NUMPY_MAX_ENTRIES = 2**18
 def _module(geom) -> Any:
     """The module the iterations on ``geom``'s kernel run on: NumPy for CPU tensors (``_as``
     makes views, no copies; NumPy's BLAS computes a matrix-vector product 1.2 to 8 times faster
-    than torch's on a CPU, and its small element-wise operations cost less), torch elsewhere. A float32 kernel of more than ``NUMPY_MAX_ENTRIES`` entries stays on torch while
-    torch runs several threads: BLAS's worker threads then slow the solve (700 x 700 at eps =
+    than torch's on a CPU, and its small element-wise operations cost less), torch elsewhere. A
+    float32 kernel of more than ``NUMPY_MAX_ENTRIES`` entries stays on torch while torch runs
+    several threads: BLAS's worker threads then slow the solve (700 x 700 at eps =
     0.002: 59 to 140 ms on NumPy, 30 to 37 ms on torch; with OpenBLAS on one thread NumPy takes
     31 ms, so likely products gone subnormal in workers that ``flushed_subnormals`` does not
     reach, which float32's small normal range makes common). A float64 kernel of any size runs on
