@@ -13,6 +13,7 @@ import math
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from otcore.warnings import PrecisionWarning
@@ -61,7 +62,7 @@ def upcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-def exp_above_tiny_(t: torch.Tensor, *, zero: bool = False) -> torch.Tensor:
+def exp_above_tiny_(t, *, zero: bool = False):
     """``exp(t)`` in place, with ``t`` first raised to 1 + log(tiny) (tiny: the dtype's smallest
     normal number). The CPU exponential takes a slow path for results at or below tiny, 5 to 35
     times slower (float64, float32) on tensors of underflowing entries. The entries raised were
@@ -70,7 +71,10 @@ def exp_above_tiny_(t: torch.Tensor, *, zero: bool = False) -> torch.Tensor:
     (a kernel built far from the iterate), the raised sum is a wrong finite number where the plain
     exponential gives 0, which its caller detects. ``zero``: the raised entries are set to 0
     instead (one more pass), for a caller that cannot detect it (a stabilised kernel, whose sums
-    are scaled by up to e^T before they are judged)."""
+    are scaled by up to e^T before they are judged). ``t`` may also be a NumPy array (``zero``
+    False)."""
+    if isinstance(t, np.ndarray):
+        return np.exp(np.maximum(t, 1.0 + math.log(np.finfo(t.dtype).tiny), out=t), out=t)
     floor = 1.0 + math.log(torch.finfo(t.dtype).tiny)
     out = t.clamp_min_(floor).exp_()
     if not zero:

@@ -39,10 +39,14 @@ def test_value_gradient_is_the_plan_and_implicit_matches_sinkhorn(gen):
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero")  # POT takes log(a) of the zero weight
+@pytest.mark.parametrize("module", ["numpy", "torch"])
 @pytest.mark.parametrize("n, m", [(45, 30), (25, 40)])
-def test_direct_newton_matches_sparse_and_pot(gen, n, m):
+def test_direct_newton_matches_sparse_and_pot(gen, monkeypatch, n, m, module):
     """The direct (Cholesky) path, the sparse CG path and POT's log-domain Sinkhorn give one plan;
-    n < m takes the transposed elimination, a zero weight the empty-row guard."""
+    n < m takes the transposed elimination, a zero weight the empty-row guard. The direct path
+    runs on NumPy for small CPU problems and on torch for larger ones and on GPUs."""
+    if module == "torch":
+        monkeypatch.setattr(newton_direct, "NUMPY_MAX_WORK", 0)
     x, y = clouds(n, m, 2, gen)
     C = sqdist(x, y)
     a, b = simplex(n, gen), simplex(m, gen)
@@ -72,7 +76,7 @@ def test_a_failed_factorisation_is_a_rejected_step(gen, monkeypatch, factoring):
     C, a, b = sqdist(x, y), simplex(30, gen), simplex(25, gen)
     eps = 0.005 * float(C.max())
     if factoring == "torch":  # the path of GPUs and large systems
-        monkeypatch.setattr(newton_direct, "LAPACK_MAX_WORK", 0)
+        monkeypatch.setattr(newton_direct, "NUMPY_MAX_WORK", 0)
     plain = otcore.sns(C, a, b, eps=eps, tol=1e-11, hessian="direct")
     calls = []
     if factoring == "torch":

@@ -33,6 +33,9 @@ CPU.
 Problems of a batch are solved one after the other, their scalars (step, shift, ratio, value,
 error) on the host: a Newton iteration is about thirty kernels, a trial step and a Sinkhorn
 iteration about twelve each; O(n m min(n, m)) work, so ``sns`` uses it for small problems only.
+On a CPU, problems within ``NUMPY_MAX_WORK`` run on NumPy arrays (``otcore._arrays``): their
+operations are overhead-bound, and NumPy's dispatch costs a fraction of torch's (64-bin
+histograms: 1.1 to 1.6 times faster).
 
 References:
     Tang, Qiu, "Safe and sparse Newton method for entropic-regularized optimal transport",
@@ -47,9 +50,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import scipy.linalg
 import torch
 
+from otcore._arrays import as_arrays, as_tensors, host_floats, log_range
 from otcore._precision import exp_above_tiny_, flushed_subnormals
 from otcore.solvers.entropic.scaling import THRESHOLDS
 
@@ -59,6 +64,12 @@ STEP_REACH = 48.0
 RHO_LOW, RHO_HIGH, MU_UP, MU_DOWN, MU_MIN = 0.25, 0.75, 4.0, 0.5, 1e-6
 #: Every Newton iteration ends with ceil(min(n, m) / SWEEP_COLUMNS) Sinkhorn iterations.
 SWEEP_COLUMNS = 64
+#: Largest Schur complement product, k^2 n_e multiply-adds (k = min(n, m), n_e = max(n, m)), of a
+#: CPU problem solved on NumPy, its Schur complement factored through SciPy's LAPACK (larger
+#: ones: torch). Beyond about 100^3 OpenBLAS runs the product on several threads, which keep
+#: spinning after it and slow torch's own (measured: a 128 x 128 solve 2-4 ms with torch alone,
+#: 24-43 ms with both; 500 x 64, 8.4 ms against 4.3 ms).
+NUMPY_MAX_WORK = 2**19
 
 
 def direct_newton(C, a, b, eps, *, tol, max_iter, sinkhorn_iter):
@@ -78,12 +89,16 @@ def direct_newton(C, a, b, eps, *, tol, max_iter, sinkhorn_iter):
         (f (B, n), g (B, m), error (B,), warm-up iterations (B,) int64, Newton iterations (B,)
         int64), in the dtype and device of C.
     """
+    B, n, m = C.shape
+    xp = np if C.device.type == "cpu" and min(n, m) ** 2 * max(n, m) <= NUMPY_MAX_WORK else torch
+    threshold = THRESHOLDS.get(C.dtype, THRESHOLDS[torch.float32])
     # inference mode: less dispatch work per kernel (the outputs are rebuilt outside it); products of
-    # plan entries near tiny are flushed (``flushed_subnormals``)
-    with torch.inference_mode(), flushed_subnormals():
-        out = [_Solver(C[k], a[k], b[k], eps).solve(tol, max_iter, sinkhorn_iter) for k in range(C.shape[0])]
-    n = a.shape[-1]
-    z = torch.stack([o[0] for o in out]) * eps
+    # plan entries near tiny are flushed (``flushed_subnormals``); sums that under- or overflow are
+    # the solver's to find
+    with torch.inference_mode(), flushed_subnormals(), np.errstate(all="ignore"):
+        out = [_Solver(xp, *as_arrays(xp, C[k], a[k], b[k]), eps, threshold).solve(tol, max_iter, sinkhorn_iter)
+               for k in range(B)]
+    z = torch.stack(as_tensors(*(o[0] for o in out))) * eps
     offset = torch.tensor([o[4] for o in out], dtype=C.dtype, device=C.device).unsqueeze(-1)
     error = torch.tensor([o[1] for o in out], dtype=C.dtype, device=C.device)
     n_sinkhorn, n_newton = (torch.tensor([o[k] for o in out], dtype=torch.int64, device=C.device) for k in (2, 3))
@@ -103,11 +118,10 @@ class _Point:
             P, drift = solver.plan(z), 0.0
         self.z, self.P, self.drift = z, P, drift
         rows = P.sum(-1)
-        self.rc = torch.cat((rows, P.sum(-2)))
-        self.grad = torch.sub(solver.ab, self.rc)
-        norm = torch.linalg.vector_norm
-        self.value, self.error, self.grad_norm = torch.stack(
-            (solver.ab.dot(z) - rows.sum(), norm(self.grad, 1), norm(self.grad))).tolist()
+        self.rc = solver.xp.concatenate((rows, P.sum(-2)))
+        self.grad = solver.ab - self.rc
+        self.value, self.error, self.grad_norm = host_floats(
+            solver.ab @ z - rows.sum(), abs(self.grad).sum(), solver.xp.sqrt(self.grad @ self.grad))
 
 
 class _Trial:
@@ -119,25 +133,27 @@ class _Trial:
     def __init__(self, solver, z, P, drift):
         self.z, self.P, self.drift = z, P, drift
         self.rows = P.sum(-1)
-        self.value = float(solver.ab.dot(z) - self.rows.sum())
+        self.value = float(solver.ab @ z - self.rows.sum())
 
     def error(self, solver):
         """|P1 - a|_1 + |P^T 1 - b|_1."""
-        norm = torch.linalg.vector_norm
-        return float(norm(self.rows - solver.a, 1) + norm(self.P.sum(-2) - solver.b, 1))
+        return float(abs(self.rows - solver.a).sum() + abs(self.P.sum(-2) - solver.b).sum())
 
 
 class _Solver:
-    """One problem, (n, m), in units of eps: ``cost`` = -(C - min C) / eps."""
+    """One problem, (n, m), in units of eps: ``cost`` = -(C - min C) / eps; C, a, b and all
+    state are arrays of the module ``xp`` (``otcore._arrays``); ``threshold``: the drift allowed
+    (``THRESHOLDS``)."""
 
-    def __init__(self, C, a, b, eps):
+    def __init__(self, xp, C, a, b, eps, threshold):
+        self.xp, self.threshold = xp, threshold
         self.n = n = a.shape[-1]
         self.a, self.b = a, b
         # the plan does not see a constant in C: taking min C out keeps -C / eps small (float32)
-        self.offset = float(C.amin())
-        self.cost = torch.sub(C, self.offset).div_(-eps)
-        self.ab = torch.cat((a, b))
-        self.log_ab = self.ab.log()
+        self.offset = float(C.min())
+        self.cost = (C - self.offset) / -eps
+        self.ab = xp.concatenate((a, b))
+        self.log_ab = xp.log(self.ab)
         self.log_a, self.log_b = self.log_ab[:n], self.log_ab[n:]
         self.zero_weight = bool((self.ab == 0).any())
         self.zero_a, self.zero_b = a == 0, b == 0
@@ -146,31 +162,33 @@ class _Solver:
         self.rows_out = n >= b.shape[-1]
         self.kept = b if self.rows_out else a
         self.mass = float(self.kept.sum())
-        self.gauge = torch.outer(self.kept, self.kept / self.mass)
+        self.gauge = xp.outer(self.kept, self.kept / self.mass)
         if self.zero_weight:
-            self.gauge.diagonal().add_(self.kept == 0)
-        self.threshold = THRESHOLDS.get(C.dtype, THRESHOLDS[torch.float32])
+            self.gauge += xp.diag(self.kept == 0)
         self.sweep = -(-min(n, b.shape[-1]) // SWEEP_COLUMNS)
+        self.tiny = xp.finfo(C.dtype).tiny
 
     def plan(self, z):
         """P = exp(K + phi 1^T + 1 psi^T), (n, m), its entries at least e times the dtype's ``tiny``."""
         shifted = z + self.log_ab
-        exponent = torch.add(self.cost, shifted[: self.n].unsqueeze(-1)).add_(shifted[self.n:])
+        exponent = self.cost + shifted[: self.n, None]
+        exponent += shifted[self.n:]
         return exp_above_tiny_(exponent)
 
     def transform(self, potential, rows):
         """Log-domain update: the row potential making P1 = a from psi (``rows``), or the column
         potential making P^T 1 = b from phi, a logsumexp over the other side."""
         if rows:
-            x, dim = self.cost + (potential + self.log_b), -1
+            x, axis = self.cost + (potential + self.log_b), -1
         else:
-            x, dim = self.cost + (potential + self.log_a).unsqueeze(-1), -2
-        top = x.amax(dim)
-        return exp_above_tiny_(x.sub_(top.unsqueeze(dim))).sum(dim).log_().add_(top).neg_()
+            x, axis = self.cost + (potential + self.log_a)[:, None], -2
+        top = self.xp.amax(x, axis)
+        x -= top[:, None] if rows else top
+        return -(self.xp.log(exp_above_tiny_(x).sum(axis)) + top)
 
     def solve(self, tol, max_iter, sinkhorn_iter):
         """(z (n + m,), error, warm-up iterations, Newton iterations, the offset f carries: min C)."""
-        z, P, drift, n_sinkhorn = self.sinkhorn(torch.zeros_like(self.ab), None, 0.0, tol, sinkhorn_iter)
+        z, P, drift, n_sinkhorn = self.sinkhorn(self.xp.zeros_like(self.ab), None, 0.0, tol, sinkhorn_iter)
         point, n_newton = self.newton(_Point(self, z, P, drift), tol, max_iter - n_sinkhorn)
         return point.z, point.error, n_sinkhorn, n_newton, self.offset
 
@@ -189,77 +207,72 @@ class _Solver:
         iteration on, and the loop stops before updating an iterate that meets ``tol`` (or
         whose error is not finite).
         """
-        a, b, n = self.a, self.b, self.n
+        xp, a, b, n = self.xp, self.a, self.b, self.n
         u = v = None  # the held plan's row and column scalings (None: 1); its iterate is u_i P_ij v_j
         done, reach = 0, 0.0
         for it in range(1, max_iter + 1):
             check, log_row = it > 1 and tol > 0, P is None
             if log_row:  # log-domain row update; its plan is held, its columns then scaled
                 phi = self.transform(z[n:], rows=True)
-                if check and not float(torch.linalg.vector_norm(torch.expm1(z[:n] - phi).mul_(a), 1)) > tol:
+                if check and not float(abs(xp.expm1(z[:n] - phi) * a).sum()) > tol:
                     break
-                z = torch.cat((phi, z[n:]))
-                P, drift, new_u = self.plan(z), 0.0, torch.ones_like(a)
+                z = xp.concatenate((phi, z[n:]))
+                P, drift, new_u = self.plan(z), 0.0, xp.ones_like(a)
                 new_v = self._ratio(b, P.sum(-2), self.zero_b)
             else:
-                Pv = (P.sum(-1) if rows is None else rows) if v is None else torch.mv(P, v)
-                if check and not float(torch.linalg.vector_norm(torch.mul(Pv, u).sub_(a), 1)) > tol:
+                Pv = (P.sum(-1) if rows is None else rows) if v is None else P @ v
+                if check and not float(abs(Pv * u - a).sum()) > tol:
                     break
                 new_u = self._ratio(a, Pv, self.zero_a)
-                new_v = self._ratio(b, torch.mv(P.mT, new_u), self.zero_b)
-            rows, new_reach = None, self._reach(torch.cat((new_u, new_v)))
+                new_v = self._ratio(b, P.T @ new_u, self.zero_b)
+            rows, new_reach = None, log_range(xp, new_u, new_v)[0]
             if drift + 2 * new_reach <= self.threshold:
                 u, v, reach = new_u, new_v, new_reach
             else:
                 if u is not None:
-                    z = z + torch.cat((u, v)).log_()
+                    z = z + xp.log(xp.concatenate((u, v)))
                 phi = z[:n] if log_row else self.transform(z[n:], rows=True)
-                z = torch.cat((phi, self.transform(phi, rows=False)))
+                z = xp.concatenate((phi, self.transform(phi, rows=False)))
                 P = u = v = None
             done += 1
         if u is not None:
-            P.mul_(u.unsqueeze(-1)).mul_(v)
-            z, drift = z + torch.cat((u, v)).log_(), drift + 2 * reach
+            P *= u[:, None]
+            P *= v
+            z, drift = z + xp.log(xp.concatenate((u, v))), drift + 2 * reach
         return z, P, drift, done
-
-    @staticmethod
-    def _reach(scales):
-        """max |log scales| (inf when a scale is 0, infinite or NaN)."""
-        low, high = torch.stack(torch.aminmax(scales)).tolist()  # one host read
-        return max(-math.log(low), math.log(high)) if low > 0 and high < math.inf else math.inf
 
     def _ratio(self, weights, sums, zero):
         """weights / sums, 1 at zero weights (``zero``)."""
-        ratio = torch.div(weights, sums)
-        return ratio.masked_fill_(zero, 1.0) if self.zero_weight else ratio
+        ratio = weights / sums
+        return self.xp.where(zero, 1.0, ratio) if self.zero_weight else ratio
 
     def direction(self, point, mu):
         """The Newton direction d (n + m,) of ``point`` at shift mu |grad|_2 and its model terms
         (slope <grad, d>, curvature d^T (H + lam I) d, a bound on |d_i + d_j|), or None when S is
         not positive definite."""
-        n, P, grad = self.n, point.P, point.grad
+        xp, n, P, grad = self.xp, self.n, point.P, point.grad
         lam = mu * point.grad_norm
         shifted = point.rc + lam  # (r + lam, c + lam)
         if self.rows_out:  # eliminated side e, kept side k
             Pe, ge, gk, De, Dk = P, grad[:n], grad[n:], shifted[:n], shifted[n:]
         else:
-            Pe, ge, gk, De, Dk = P.mT, grad[n:], grad[:n], shifted[n:], shifted[:n]
+            Pe, ge, gk, De, Dk = P.T, grad[n:], grad[:n], shifted[n:], shifted[:n]
         if not lam > 0:  # an empty row (zero weight, or underflow) stays 0 in W
-            De = De.clamp_min(torch.finfo(De.dtype).tiny)
+            De = xp.clip(De, self.tiny, None)
         # entries below sqrt(tiny) weigh nothing in S (their products are below tiny), and products
         # that round to subnormals make the matrix product many times slower: they are dropped
-        Pe = torch.threshold(Pe, 2.0 * math.sqrt(torch.finfo(Pe.dtype).tiny), 0.0)
-        W = Pe / De.unsqueeze(-1)  # diag(r + lam)^-1 P when the rows are eliminated
-        solved = _schur_solve(self.gauge, W, Pe, Dk, torch.addmv(gk, W.mT, ge, alpha=-1))
+        Pe = xp.where(Pe > 2.0 * math.sqrt(self.tiny), Pe, 0.0)
+        W = Pe / De[:, None]  # diag(r + lam)^-1 P when the rows are eliminated
+        solved = _schur_solve(self.gauge, W, Pe, Dk, gk - W.T @ ge)
         if solved is None:
             return None
         xk, info = solved
-        xe = torch.addmv(ge, Pe, xk, alpha=-1).div_(De)
-        d = torch.cat((xe, xk) if self.rows_out else (xk, xe))
-        terms = [grad.dot(d), self.kept.dot(xk), torch.linalg.vector_norm(d, math.inf)]
+        xe = (ge - Pe @ xk) / De
+        d = xp.concatenate((xe, xk) if self.rows_out else (xk, xe))
+        terms = [grad @ d, self.kept @ xk, abs(d).max()]
         if info is not None:  # the factorisation's status, read with the model terms
             terms.append(info.to(d.dtype))
-        slope, wx, top, *failed = torch.stack(terms).tolist()
+        slope, wx, top, *failed = host_floats(*terms)
         if any(failed):
             return None
         # d^T (H + lam I) d: the system solved adds the gauge term (w^T x_k)^2 / |w|_1
@@ -267,16 +280,18 @@ class _Solver:
 
     def move(self, point, d, step, reach):
         """The trial point at z + step d, its plan rescaled from ``point``'s while the drift allows."""
-        z = torch.add(point.z, d, alpha=step)
+        z = point.z + step * d
         drift = point.drift + step * reach
         if not drift <= self.threshold:
             return _Trial(self, z, self.plan(z), 0.0)
-        scale = torch.mul(d, step).exp_()
-        return _Trial(self, z, torch.mul(point.P, scale[: self.n].unsqueeze(-1)).mul_(scale[self.n:]), drift)
+        scale = self.xp.exp(step * d)
+        P = point.P * scale[: self.n, None]
+        P *= scale[self.n:]
+        return _Trial(self, z, P, drift)
 
     def newton(self, point, tol, max_iter):
         """Sinkhorn-Newton iterations from ``point``: (the last point, iterations)."""
-        mu, ulp, n_iter = MU_MIN, torch.finfo(point.P.dtype).eps, 0
+        mu, ulp, n_iter = MU_MIN, self.xp.finfo(point.P.dtype).eps, 0
         while math.isfinite(point.error):
             if point.error <= tol and point.drift:  # judge convergence on the plan computed from z
                 point = _Point(self, point.z)
@@ -311,34 +326,25 @@ class _Solver:
         return point, n_iter
 
 
-#: Largest Schur complement product, k^2 n_e multiply-adds (k: the kept side, n_e: the eliminated
-#: one), formed by NumPy and factored through SciPy's LAPACK on a CPU (larger ones: torch). Beyond
-#: about 100^3 OpenBLAS runs the product on several threads, which keep spinning after it and
-#: slow torch's own (measured: a 128 x 128 solve 2-4 ms with torch alone, 24-43 ms with both;
-#: 500 x 64, 8.4 ms against 4.3 ms).
-LAPACK_MAX_WORK = 2**19
-
-
 def _schur_solve(gauge, W, Pe, Dk, rhs):
     """(x, info) with x (k,) solving S x = rhs for S = gauge - W^T Pe + diag(Dk) (k, k), W and Pe
     (n_e, k), by Cholesky.
 
-    On a CPU, within ``LAPACK_MAX_WORK``, S is formed by NumPy and factored by SciPy's LAPACK:
-    at k = n_e = 64 in a third of the time of torch's product, ``cholesky_ex`` and
-    ``cholesky_solve`` (~70 us against ~190 us, mostly per-call overhead); info is None, and the
-    result None when S is not positive definite to working precision. Otherwise torch's, and
-    info is ``cholesky_ex``'s status (nonzero when S did not factor), for the caller to read
-    with its own host read."""
+    NumPy arrays: S is factored by SciPy's LAPACK (at k = n_e = 64 in a third of the time of
+    torch's product, ``cholesky_ex`` and ``cholesky_solve``: ~70 us against ~190 us, mostly
+    per-call overhead); info is None, and the result None when S is not positive definite to
+    working precision. Tensors: torch's, and info is ``cholesky_ex``'s status (nonzero when S did
+    not factor), for the caller to read with its own host read."""
     k = Dk.shape[-1]
-    if Dk.device.type == "cpu" and k * k * Pe.shape[-2] <= LAPACK_MAX_WORK:
-        S = gauge.numpy() - W.numpy().T @ Pe.numpy()
-        S.flat[:: k + 1] += Dk.numpy()
+    if isinstance(Dk, np.ndarray):
+        S = gauge - W.T @ Pe
+        S.flat[:: k + 1] += Dk
         potrf, potrs = scipy.linalg.get_lapack_funcs(("potrf", "potrs"), (S,))
         L, info = potrf(S, lower=1, clean=0, overwrite_a=1)
         if info != 0:
             return None
-        x, _ = potrs(L, rhs.numpy(), lower=1)
-        return torch.from_numpy(x), None
+        x, _ = potrs(L, rhs, lower=1)
+        return x, None
     S = torch.sub(gauge, torch.mm(W.mT, Pe))
     S.diagonal().add_(Dk)
     L, info = torch.linalg.cholesky_ex(S)

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from otcore._arrays import as_arrays, as_tensors, log_range
 from otcore._precision import flushed_subnormals
 from otcore.core.loop import LoopOutcome
 from otcore.solvers.entropic.overrelaxation import WINDOW, RelaxationFactor
@@ -107,14 +108,14 @@ class _Cross:
         self.cold = False  # whether it ever started at the hard c-transforms
         self.positive = a > 0
         self.zero_weight = not bool(self.positive.all())
-        self.a_, self.b_, self.positive_ = _as(self.xp, a, b, self.positive)
+        self.a_, self.b_, self.positive_ = as_arrays(self.xp, a, b, self.positive)
         self.absorb(f, g)
 
     def absorb(self, f: torch.Tensor | None, g: torch.Tensor | None) -> None:
         """Rebuild K~ at (f, g) (None: ``StabilisedKernel.rebuild``'s hard c-transforms): the
         checked iterate becomes s = t = 1."""
         self.K, self.f0, self.g0 = self.kernel.rebuild(f, g)
-        (self.K_,) = _as(self.xp, self.K)
+        (self.K_,) = as_arrays(self.xp, self.K)
         self.s, self.t = self.xp.ones_like(self.K_[..., 0]), self.xp.ones_like(self.K_[..., 0, :])
         self.cold = self.cold or f is None
 
@@ -129,9 +130,9 @@ class _Cross:
 
     def run(self, count: int) -> tuple[torch.Tensor, float, float]:
         """``count`` iterations from the checked iterate: (error (B,) of the iterate one
-        iteration back, and ``_range`` of the sums the check tests)."""
+        iteration back, and ``log_range`` of the sums the check tests)."""
         xp, K, a, b, s, t = self.xp, self.K_, self.a_, self.b_, self.s, self.t
-        (omega,) = _as(xp, None if self.factor is None else self.factor.omega)
+        (omega,) = as_arrays(xp, None if self.factor is None else self.factor.omega)
         positive = self.positive_ if self.zero_weight else None
         with np.errstate(all="ignore"):  # a sum that under- or overflows is the check's to find
             for _ in range(count):  # nothing but these four operations (five with omega)
@@ -140,9 +141,9 @@ class _Cross:
                 s = plain if omega is None else _relaxed(xp, s_prev, plain, omega, positive)
                 t = ((a / s)[..., None, :] @ K)[..., 0, :]
             error = (a * abs(plain / s_prev - 1)).sum(-1)
-            worst_log, smallest = _range(xp, plain, s, t)
+            worst_log, smallest = log_range(xp, plain, s, t)
         self.new, self.measured, self.plain = (s, t), (s_prev, t_prev), plain
-        return _tensors(error)[0], worst_log, smallest
+        return as_tensors(error)[0], worst_log, smallest
 
     def commit(self) -> None:
         self.s, self.t = self.new
@@ -160,7 +161,7 @@ class _Cross:
 
     def _potentials(self, s, t) -> tuple[torch.Tensor, ...]:
         eps = self.kernel.eps
-        s, t = _tensors(s, t)
+        s, t = as_tensors(s, t)
         return torch.add(self.f0, s.log(), alpha=-eps), torch.add(self.g0, t.log(), alpha=-eps)
 
 
@@ -174,7 +175,7 @@ class _Symmetric:
         self.kernel, self.xp = kernel, _module(kernel.geom)
         self.positive = w > 0
         self.zero_weight = not bool(self.positive.all())
-        self.w_, self.positive_ = _as(self.xp, w, self.positive)
+        self.w_, self.positive_ = as_arrays(self.xp, w, self.positive)
         self.absorb(p)
 
     def restart_cold(self) -> bool:
@@ -183,7 +184,7 @@ class _Symmetric:
 
     def absorb(self, p: torch.Tensor) -> None:
         self.K, self.p0, _ = self.kernel.rebuild(p, p)
-        (self.K_,) = _as(self.xp, self.K)
+        (self.K_,) = as_arrays(self.xp, self.K)
         self.r = self.xp.ones_like(self.K_[..., 0])
 
     def run(self, count: int) -> tuple[torch.Tensor, float, float]:
@@ -196,9 +197,9 @@ class _Symmetric:
                 if self.zero_weight:  # zero-weight points take the c-transform, not the average
                     r = xp.where(positive, r, update)
             error = 2 * (w * abs(update / r_prev - 1)).sum(-1)  # |P1 - w|_1 + |P^T 1 - w|_1
-            worst_log, smallest = _range(xp, update, r)
+            worst_log, smallest = log_range(xp, update, r)
         self.new, self.measured, self.plain = r, r_prev, update
-        return _tensors(error)[0], worst_log, smallest
+        return as_tensors(error)[0], worst_log, smallest
 
     def commit(self) -> None:
         self.r = self.new
@@ -211,7 +212,7 @@ class _Symmetric:
         return (self._potential(r),)
 
     def _potential(self, r) -> torch.Tensor:
-        return torch.add(self.p0, _tensors(r)[0].log(), alpha=-self.kernel.eps)
+        return torch.add(self.p0, as_tensors(r)[0].log(), alpha=-self.kernel.eps)
 
 
 def run_scaling_loop(
@@ -427,7 +428,7 @@ NUMPY_MAX_ENTRIES = 2**18
 
 
 def _module(geom) -> Any:
-    """The module the iterations on ``geom``'s kernel run on: NumPy for CPU tensors (``_as``
+    """The module the iterations on ``geom``'s kernel run on: NumPy for CPU tensors (``as_arrays``
     makes views, no copies; NumPy's BLAS computes a matrix-vector product 1.2 to 8 times faster
     than torch's on a CPU, and its small element-wise operations cost less), torch elsewhere. A
     float32 kernel of more than ``NUMPY_MAX_ENTRIES`` entries stays on torch while torch runs
@@ -442,31 +443,3 @@ def _module(geom) -> Any:
             torch.get_num_threads() == 1 or geom.dtype == torch.float64 or B * n * m <= NUMPY_MAX_ENTRIES):
         return np
     return torch
-
-
-def _as(xp, *tensors: torch.Tensor | None) -> tuple:
-    """``tensors`` as arrays of the module ``xp`` (``_module``): NumPy views (no copies), or the
-    tensors themselves; None stays None."""
-    if xp is np:
-        return tuple(None if t is None else t.detach().numpy() for t in tensors)
-    return tensors
-
-
-def _range(xp, *sums) -> tuple[float, float]:
-    """(largest |log x|, smallest x) over the entries of ``sums`` (arrays of the module ``xp``):
-    what a check tests (largest |log x| inf where an entry is 0, inf or nan), from the largest
-    and smallest entries alone."""
-    if xp is np:
-        joined = np.concatenate(sums, axis=-1)
-        largest, smallest = float(joined.max()), float(joined.min())
-    else:
-        stacked = torch.cat(sums, dim=-1)
-        largest, smallest = torch.stack((stacked.amax(), stacked.amin())).tolist()
-    if 0 < smallest and largest < math.inf:  # (nan fails both)
-        return max(math.log(largest), -math.log(smallest)), smallest
-    return math.inf, smallest
-
-
-def _tensors(*arrays) -> tuple[torch.Tensor, ...]:
-    """The results of iterations on ``_as``' arrays as tensors (views of NumPy arrays)."""
-    return tuple(torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in arrays)
