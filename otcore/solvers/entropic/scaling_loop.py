@@ -432,12 +432,14 @@ def _module(geom) -> Any:
     makes views, no copies; NumPy's BLAS computes a matrix-vector product 1.2 to 8 times faster
     than torch's on a CPU, and its small element-wise operations cost less), torch elsewhere. A
     float32 kernel of more than ``NUMPY_MAX_ENTRIES`` entries stays on torch while torch runs
-    several threads: BLAS's worker threads then slow the solve (700 x 700 at eps =
-    0.002: 59 to 140 ms on NumPy, 30 to 37 ms on torch; with OpenBLAS on one thread NumPy takes
-    31 ms, so likely products gone subnormal in workers that ``flushed_subnormals`` does not
-    reach, which float32's small normal range makes common). A float64 kernel of any size runs on
-    NumPy (its products stay normal; measured 600 x 600 to 3000 x 3000 at eps = 0.002 and 0.01,
-    absorptions included: 1.1 to 2.1 times faster)."""
+    several threads: the two thread pools then spin for each other's cores (700 x 700 at eps =
+    0.002: 59 to 140 ms on NumPy, 30 to 37 ms on torch; 31 ms on NumPy with OpenBLAS on one
+    thread, and as fast with torch's OpenMP threads passive; zeroing the kernel entries whose
+    products could be subnormal does not help). Running torch on one thread while the
+    iterations run on NumPy wins per iteration but loses on whole float32 solves, whose kernel
+    rebuilds and log-domain steps then take one core (2000 x 2000, eps = 0.01: 118 ms against
+    87 ms). A float64 kernel of any size runs on NumPy (measured 600 x 600 to 3000 x 3000 at
+    eps = 0.002 and 0.01, absorptions included: 1.1 to 2.1 times faster)."""
     B, n, m = geom.shape
     if geom.device.type == "cpu" and (
             torch.get_num_threads() == 1 or geom.dtype == torch.float64 or B * n * m <= NUMPY_MAX_ENTRIES):
