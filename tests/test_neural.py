@@ -4,6 +4,7 @@ finite differences) and fit_monge_map (against the closed-form W2 map)."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -224,6 +225,29 @@ def test_monge_gap_float32_batched_and_costs(gen):
         C = torch.cdist(x[0].double(), Tx[0].double(), p={"euclidean": 2, "l1": 1}.get(cost, cost))
         expected = C.diagonal().mean() - log_sinkhorn_value(C, 0.5)
         assert abs(float(gap) - float(expected)) < 1e-6
+
+
+def test_monge_gap_solves_in_the_scaling_domain_unless_told_not_to_validate(gen, monkeypatch):
+    """The gap's solve takes the scaling domain's matrix-vector products (a validated geometry);
+    ``validate=False`` reads nothing on the host, so it stays in the log domain. Both give the
+    gap of a float64 plain-torch Sinkhorn."""
+    solver = importlib.import_module("otcore.solvers.entropic.sinkhorn")
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(solver_kernel(*args, **kwargs))
+        return built[-1]
+
+    solver_kernel = solver.stabilised_kernel
+    monkeypatch.setattr(solver, "stabilised_kernel", recording)
+    x = torch.randn(40, 2, generator=gen, dtype=F64)
+    Tx = x @ torch.tensor([[0.5, 1.0], [-1.0, 0.3]], dtype=F64)
+    expected = (x - Tx).pow(2).sum(-1).mean() - log_sinkhorn_value(sqdist(x, Tx), 0.5)
+    for validate in (True, False):
+        built.clear()
+        gap = monge_gap(x, Tx, eps=0.5, tol=1e-10, validate=validate)
+        assert abs(float(gap) - float(expected)) < 1e-8
+        assert len(built) == 1 and (built[0] is not None) == validate
 
 
 def test_monge_gap_gradcheck(gen):

@@ -79,7 +79,9 @@ def monge_gap(
     if validate:
         check_finite("x", x)
         check_finite("Tx", Tx)
-    geom = PointCloud(x, Tx, cost=cost, validate=False)  # checks shapes and cost
+    # checks shapes and cost; a validated geometry (its range read on the host) lets the solve
+    # take the scaling domain's matrix-vector products
+    geom = PointCloud(x, Tx, cost=cost, validate=validate)
     kind = parse_cost(cost)
     if eps is None:
         eps = relative_eps * mean_cost(x.detach(), Tx.detach(), kind)
