@@ -183,14 +183,20 @@ def test_a_warm_start_whose_kernel_underflows_restarts_from_the_hard_c_transform
     assert float((res.plan - _pot_log_plan(C, a, b, 0.01)).abs().sum()) <= 1e-9
 
 
+@pytest.mark.parametrize("module", ["torch", "numpy"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kernel_entries_below_the_normal_range_are_exact_zeros(dtype):
-    """``exp_above_tiny_(zero=True)`` against torch.exp in float64: equal (to rounding) where exp(t) >= e tiny,
-    exactly 0 below, never subnormal (whose arithmetic is ~30x slower)."""
+def test_kernel_entries_below_the_normal_range_are_exact_zeros(dtype, module):
+    """``exp_above_tiny_(zero=True)`` of a tensor or a NumPy array against torch.exp in float64:
+    equal (to rounding) where exp(t) >= e tiny, exactly 0 below, never subnormal (whose
+    arithmetic is ~30x slower)."""
     tiny = torch.finfo(dtype).tiny
     floor = float(np.log(tiny))
     t = torch.linspace(floor - 30, 5, 20_001, dtype=dtype)
-    out = exp_above_tiny_(t.clone(), zero=True)
+    if module == "torch":
+        out = exp_above_tiny_(t.clone(), zero=True)
+    else:
+        out = torch.from_numpy(exp_above_tiny_(t.numpy().copy(), zero=True))
+    assert out.dtype == dtype
     ref = t.double().exp()
     kept = ref >= np.e * tiny * (1 + 1e-6)
     torch.testing.assert_close(out[kept].double(), ref[kept], rtol=4 * torch.finfo(dtype).eps, atol=0)

@@ -47,6 +47,14 @@ def test_direct_newton_matches_sparse_and_pot(gen, monkeypatch, n, m, module):
     runs on NumPy for small CPU problems and on torch for larger ones and on GPUs."""
     if module == "torch":
         monkeypatch.setattr(newton_direct, "NUMPY_MAX_WORK", 0)
+    modules = []
+    solver_init = newton_direct._Solver.__init__
+
+    def recording(self, xp, *args):
+        modules.append(xp.__name__)
+        solver_init(self, xp, *args)
+
+    monkeypatch.setattr(newton_direct._Solver, "__init__", recording)
     x, y = clouds(n, m, 2, gen)
     C = sqdist(x, y)
     a, b = simplex(n, gen), simplex(m, gen)
@@ -54,6 +62,7 @@ def test_direct_newton_matches_sparse_and_pot(gen, monkeypatch, n, m, module):
     a = a / a.sum()
     eps = 0.005 * float(C.max())
     direct = otcore.sns(C, a, b, eps=eps, tol=1e-11, hessian="direct")
+    assert modules == [module]
     sparse = otcore.sns(C, a, b, eps=eps, tol=1e-11, hessian="sparse")
     expected = ot.sinkhorn(a.numpy(), b.numpy(), C.numpy(), eps, method="sinkhorn_log", stopThr=1e-14,
                            numItermax=200_000)

@@ -29,6 +29,11 @@ class _Plan:
         return self.geom.total((r - self.a).abs(), 0) + self.geom.total((c - self.b).abs(), 1)
 
 
+def all_positive(*weights: torch.Tensor) -> bool:
+    """Whether every entry of every tensor is > 0 (one host read)."""
+    return bool(torch.stack([(w > 0).all() for w in weights]).all())
+
+
 class EntropicPlan(_Plan):
     """``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``, applied block by block through ``geom``."""
 
@@ -47,17 +52,21 @@ class EntropicPlan(_Plan):
         ones_n = torch.ones_like(self.a).unsqueeze(-1)
         return self.matmul(ones_m).squeeze(-1), self.matmul(ones_n, transpose=True).squeeze(-1)
 
-    def dense(self, cost: torch.Tensor | None = None) -> torch.Tensor:
+    def dense(self, cost: torch.Tensor | None = None, *, positive: bool | None = None) -> torch.Tensor:
         """The plan as a (B, n, m) tensor (allocates n x m); ``cost``: the materialised C, if at hand.
 
-        When every weight is positive (one host read; none for a geometry built with
-        ``validate=False``), the weights join the potentials, f_i + eps log a_i and
-        g_j + eps log b_j, and the plan is one exponential of n x m terms (four passes over it);
-        otherwise ``weighted_exp`` of the n x m weights a_i b_j keeps exact zeros and finite
-        derivatives at zero weights (about ten passes, three of them transcendental)."""
+        When every weight is positive (``positive``, if the caller knows; else ``all_positive``,
+        one host read, or False for a geometry built with ``validate=False``), the weights join
+        the potentials, f_i + eps log a_i and g_j + eps log b_j, and the plan is one exponential
+        of n x m terms (four passes over it; its exponent rounds at the scale of |f| + |g| as
+        (f + g - C) / eps does); otherwise ``weighted_exp`` of the n x m weights a_i b_j keeps
+        exact zeros and finite derivatives at zero weights (about ten passes, three of them
+        transcendental)."""
         cost = self.geom.materialize() if cost is None else cost
         a, b = self.a, self.b
-        if self.geom.validate and bool(torch.stack(((a > 0).all(), (b > 0).all())).all()):
+        if positive is None:
+            positive = self.geom.validate and all_positive(a, b)
+        if positive:
             rows, cols = self.f + self.eps * a.log(), self.g + self.eps * b.log()
             return torch.add(rows.unsqueeze(-1), cols.unsqueeze(-2)).sub_(cost).div_(self.eps).exp_()
         logits = (self.f.unsqueeze(-1) + self.g.unsqueeze(-2) - cost) / self.eps

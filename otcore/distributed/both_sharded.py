@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from otcore._precision import HALF
-from otcore.core.plan import EntropicPlan
+from otcore.core.plan import EntropicPlan, all_positive
 from otcore.distributed.collectives import all_reduce, all_reduce_sum, check_group, gather_descriptors
 from otcore.distributed.ring import Ring, RingOp, ring_reduce
 from otcore.distributed.row_sharded import _BACKENDS, _CALLABLE_COST, _DTYPES, _NAMED_COSTS
@@ -289,8 +289,9 @@ class BothSharded(ShardedGeometry):
             for step, shard in enumerate(ring.blocks((y, g, b))):
                 y_j, g_j, b_j = cast(list[torch.Tensor], shard)
                 block = self.inner.with_tensors(x, y_j)
-                chunks = (EntropicPlan(block.restricted(rows), a[:, rows], b_j, f[:, rows], g_j, eps).dense()
-                          for rows in blocked.row_blocks(n, y_j.shape[1], B, blocked.block_elements(x.device)))
+                positive = block.validate and all_positive(a, b_j)  # once per shard, not per chunk
+                chunks = (EntropicPlan(block.restricted(rows), a[:, rows], b_j, f[:, rows], g_j, eps).dense(
+                    positive=positive) for rows in blocked.row_blocks(n, y_j.shape[1], B, blocked.block_elements(x.device)))
                 blocks[ring.source(step)] = kept_entries(chunks, drop)
         return RingSparsePlan(ring, [blocks[j] for j in range(ring.world)])
 

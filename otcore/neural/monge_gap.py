@@ -80,7 +80,8 @@ def monge_gap(
         check_finite("x", x)
         check_finite("Tx", Tx)
     # checks shapes and cost; a validated geometry (its range read on the host) lets the solve
-    # take the scaling domain's matrix-vector products
+    # take the scaling domain's matrix-vector products. It checks finiteness again, under the
+    # names x and y, after the checks above that name Tx: two more host reads.
     geom = PointCloud(x, Tx, cost=cost, validate=validate)
     kind = parse_cost(cost)
     if eps is None:

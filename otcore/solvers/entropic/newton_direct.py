@@ -90,6 +90,7 @@ def direct_newton(C, a, b, eps, *, tol, max_iter, sinkhorn_iter):
         int64), in the dtype and device of C.
     """
     B, n, m = C.shape
+    eps = float(eps)
     xp = np if C.device.type == "cpu" and min(n, m) ** 2 * max(n, m) <= NUMPY_MAX_WORK else torch
     threshold = THRESHOLDS.get(C.dtype, THRESHOLDS[torch.float32])
     # inference mode: less dispatch work per kernel (the outputs are rebuilt outside it); products of
@@ -166,7 +167,7 @@ class _Solver:
         if self.zero_weight:
             self.gauge += xp.diag(self.kept == 0)
         self.sweep = -(-min(n, b.shape[-1]) // SWEEP_COLUMNS)
-        self.tiny = xp.finfo(C.dtype).tiny
+        self.tiny = float(xp.finfo(C.dtype).tiny)
 
     def plan(self, z):
         """P = exp(K + phi 1^T + 1 psi^T), (n, m), its entries at least e times the dtype's ``tiny``."""
@@ -291,7 +292,7 @@ class _Solver:
 
     def newton(self, point, tol, max_iter):
         """Sinkhorn-Newton iterations from ``point``: (the last point, iterations)."""
-        mu, ulp, n_iter = MU_MIN, self.xp.finfo(point.P.dtype).eps, 0
+        mu, ulp, n_iter = MU_MIN, float(self.xp.finfo(point.P.dtype).eps), 0
         while math.isfinite(point.error):
             if point.error <= tol and point.drift:  # judge convergence on the plan computed from z
                 point = _Point(self, point.z)
