@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 import scipy.sparse
 import scipy.sparse.linalg
 import torch
@@ -124,11 +125,16 @@ def laplacian_basis(vertices: torch.Tensor, faces: torch.Tensor, k: int) -> Spec
     M = scipy.sparse.diags(mass).tocsc()
     start = np.random.default_rng(0).standard_normal(n)
     _, vecs = scipy.sparse.linalg.eigsh(stiffness.tocsc(), k=k, M=M, sigma=SHIFT, which="LM", v0=start)
-    # Rayleigh-Ritz: exact M-orthonormality and the best eigenvalues in the span found
-    evals, coeffs = scipy.linalg.eigh(vecs.T @ (stiffness @ vecs), vecs.T @ (mass[:, None] * vecs))
-    evecs = vecs @ coeffs
+    # Rayleigh-Ritz: exact M-orthonormality and the best eigenvalues in the span found. Its dense
+    # products go through SciPy's BLAS, as ARPACK's and eigh's do: NumPy's matmul would use
+    # NumPy's own OpenBLAS, whose worker threads then spin beside SciPy's (measured on 2 cores:
+    # median 62-72 ms against 35 ms at n = 1000, 254 against 156 ms at n = 5000, k = 50)
+    gemm = scipy.linalg.blas.dgemm
+    evals, coeffs = scipy.linalg.eigh(gemm(1.0, vecs, stiffness @ vecs, trans_a=True),
+                                      gemm(1.0, vecs, mass[:, None] * vecs, trans_a=True))
+    evecs = gemm(1.0, vecs, coeffs)
     peak = evecs[np.abs(evecs).argmax(axis=0), np.arange(k)]
-    evecs = evecs * np.where(peak < 0, -1.0, 1.0)
+    evecs = np.ascontiguousarray(evecs * np.where(peak < 0, -1.0, 1.0))  # gemm returns column-major
     def out(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(dtype=vertices.dtype, device=vertices.device)
 
