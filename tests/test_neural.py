@@ -232,13 +232,12 @@ def test_monge_gap_solves_in_the_scaling_domain_unless_told_not_to_validate(gen,
     ``validate=False`` reads nothing on the host, so it stays in the log domain. Both give the
     gap of a float64 plain-torch Sinkhorn."""
     solver = importlib.import_module("otcore.solvers.entropic.sinkhorn")
-    built = []
+    solver_kernel, built = solver.stabilised_kernel, []
 
     def recording(*args, **kwargs):
         built.append(solver_kernel(*args, **kwargs))
         return built[-1]
 
-    solver_kernel = solver.stabilised_kernel
     monkeypatch.setattr(solver, "stabilised_kernel", recording)
     x = torch.randn(40, 2, generator=gen, dtype=F64)
     Tx = x @ torch.tensor([[0.5, 1.0], [-1.0, 0.3]], dtype=F64)

@@ -15,10 +15,10 @@ r <- sqrt(r K~ (w / r)) the same way (Feydy et al. 2019, Sec. 3.1). The rest hap
   ``MAX_INTERVAL``, and to a quarter of the iterations run, or ``YOUNG_INTERVAL``, but at
   least what a check costs in iterations of its size, ``least_interval``; shortened to land on
   its predicted convergence), so that a problem's result does not depend on the batch it is
-  solved in; it stops at the first of its checks whose error is <= tol, with the iterate measured there (so
-  up to k - 1 iterations after the first iterate that met tol). The error is the marginal
-  error sum_i a_i |s_i / s'_i - 1| of the iterate one iteration back (``dual.row_error`` in
-  scaling form; its column marginals are exact);
+  solved in; it stops at the first of its checks whose error is <= tol, with the iterate
+  measured there (so up to k - 1 iterations after the first iterate that met tol). The error
+  is the marginal error sum_i a_i |s_i / s'_i - 1| of the iterate one iteration back
+  (``dual.row_error`` in scaling form; its column marginals are exact);
 * absorption (Schmitzer 2019): where a scaling has left [e^-T, e^T] the iterate is absorbed into
   the reference and K~ rebuilt; checks come often enough, by the scalings' measured drift, that
   they do not get far past that range in between;
