@@ -71,12 +71,14 @@ def exp_above_tiny_(t, *, zero: bool = False):
     (a kernel built far from the iterate), the raised sum is a wrong finite number where the plain
     exponential gives 0, which its caller detects. ``zero``: the raised entries are set to 0
     instead (one more pass), for a caller that cannot detect it (a stabilised kernel, whose sums
-    are scaled by up to e^T before they are judged). ``t`` may also be a NumPy array."""
+    are scaled by up to e^T before they are judged). ``t`` may also be a NumPy array (whose
+    float32 exponential has no slow path: with ``zero``, it is not raised first)."""
     if isinstance(t, np.ndarray):
         floor = t.dtype.type(1.0 + math.log(np.finfo(t.dtype).tiny))
-        out = np.exp(np.maximum(t, floor, out=t), out=t)
-        if zero:
-            out[out <= np.exp(floor)] = 0.0
+        raised = t if zero and t.dtype == np.float32 else np.maximum(t, floor, out=t)
+        out = np.exp(raised, out=t)
+        if zero:  # a product with the mask: branch-free (a masked assignment is 4x slower)
+            out *= out > np.exp(floor)
         return out
     floor = 1.0 + math.log(torch.finfo(t.dtype).tiny)
     out = t.clamp_min_(floor).exp_()

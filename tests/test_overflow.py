@@ -2,6 +2,8 @@
 (|f|/eps >> 88 in float32, >> 709 in float64) still give finite plan products, marginal errors,
 implicit gradients and Hessian-free Newton steps."""
 
+import importlib
+
 import numpy as np
 import ot
 import pytest
@@ -91,6 +93,29 @@ def test_float32_converged_flag_holds_in_float64(offset, eps):
     res = otcore.sinkhorn(C, eps=eps, max_iter=5000)
     assert bool(res.converged)
     assert float64_marginal_error(C, res.f, res.g, eps) <= 1e-4
+
+
+
+@pytest.mark.parametrize("eps,judgements", [(0.01, [True, False]), (0.002, [False])])
+def test_float32_stop_is_judged_in_float64_only_where_it_can_pass(monkeypatch, eps, judgements):
+    """A float32 stop whose rounding bound u (|f| + |g|) / eps exceeds tol / 10 is accepted only
+    if its float64 error leaves room for twice that bound (``margin``); otherwise the solve goes
+    on to tol / 4 and float64 judges again (``margin`` False). Where the room alone exceeds tol,
+    the first judgement, which could not pass, is skipped."""
+    solver = importlib.import_module("otcore.solvers.entropic.sinkhorn")
+    real, margins = solver.certified, []
+
+    def spy(*args, **kwargs):
+        margins.append(kwargs.get("margin", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solver, "certified", spy)
+    C = torch.rand(30, 20, generator=torch.Generator().manual_seed(0)) + 1.0
+    res = otcore.sinkhorn(C, eps=eps, max_iter=5000)
+    rounding = torch.finfo(torch.float32).eps * float(res.f.abs().max() + res.g.abs().max()) / eps
+    assert 1e-5 < rounding and (2 * rounding >= 1e-4) == (judgements == [False])  # the premise
+    assert margins == judgements
+    assert bool(res.converged) and float64_marginal_error(C, res.f, res.g, eps) <= 1e-4
 
 
 def test_float32_cannot_vouch_for_tol_at_a_large_offset():

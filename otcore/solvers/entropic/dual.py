@@ -156,6 +156,18 @@ def certified(
     return converged & (error + slack <= tol), error
 
 
+def beyond_margin(geom: Geometry, f: torch.Tensor, g: torch.Tensor, *, eps: float, tol: float,
+                  converged: torch.Tensor) -> bool:
+    """Whether ``certified(..., margin=True)`` must reject every problem in ``converged`` whatever
+    its float64 error: some problem converged, and for each one twice the rounding bound
+    (``rounding_error``) is at least ``tol``, so the evaluation in float64 can be skipped. False
+    in float64 and for ``tol=0``. Reads one flag on the host."""
+    if geom.dtype == torch.float64 or tol == 0:
+        return False
+    hopeless = 2 * rounding_error(geom, f, g, eps) >= tol
+    return bool(torch.stack((converged.any(), (hopeless | ~converged).all())).all())
+
+
 RELATIVE_EPS = ("mean", "max")
 
 

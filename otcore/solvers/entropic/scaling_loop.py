@@ -48,7 +48,6 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -101,10 +100,11 @@ LADDER_PROBE, LADDER, LADDER_TOL = 50, (4.0, 2.0), 1e-3
 
 class _Cross:
     """A balanced problem's iterate in scaling form: sums s (B, n), t (B, m) against K~, held
-    with K~ and the weights as arrays of the module ``xp`` the iterations run on (``_module``)."""
+    with K~ and the weights as arrays of the module ``xp`` K~ is built and iterated on
+    (``StabilisedKernel.xp``)."""
 
     def __init__(self, kernel: StabilisedKernel, a, b, f, g, factor: RelaxationFactor | None):
-        self.kernel, self.factor, self.xp = kernel, factor, _module(kernel.geom)
+        self.kernel, self.factor, self.xp = kernel, factor, kernel.xp
         self.cold = False  # whether it ever started at the hard c-transforms
         self.positive = a > 0
         self.zero_weight = not bool(self.positive.all())
@@ -172,7 +172,7 @@ class _Symmetric:
     factor = None
 
     def __init__(self, kernel: StabilisedKernel, w, p):
-        self.kernel, self.xp = kernel, _module(kernel.geom)
+        self.kernel, self.xp = kernel, kernel.xp
         self.positive = w > 0
         self.zero_weight = not bool(self.positive.all())
         self.w_, self.positive_ = as_arrays(self.xp, w, self.positive)
@@ -421,27 +421,3 @@ def _relaxed(xp, s_prev, s, omega, positive):
     zero weight (``positive`` False) keep the plain update. Arrays of the module ``xp``."""
     relaxed = s_prev * (s / s_prev) ** omega
     return relaxed if positive is None else xp.where(positive, relaxed, s)
-
-
-#: Largest float32 kernel (entries) whose products run on NumPy while torch uses several threads.
-NUMPY_MAX_ENTRIES = 2**18
-
-
-def _module(geom) -> Any:
-    """The module the iterations on ``geom``'s kernel run on: NumPy for CPU tensors (``as_arrays``
-    makes views, no copies; NumPy's BLAS computes a matrix-vector product 1.2 to 8 times faster
-    than torch's on a CPU, and its small element-wise operations cost less), torch elsewhere. A
-    float32 kernel of more than ``NUMPY_MAX_ENTRIES`` entries stays on torch while torch runs
-    several threads: the two thread pools then spin for each other's cores (700 x 700 at eps =
-    0.002: 59 to 140 ms on NumPy, 30 to 37 ms on torch; 31 ms on NumPy with OpenBLAS on one
-    thread, and as fast with torch's OpenMP threads passive; zeroing the kernel entries whose
-    products could be subnormal does not help). Running torch on one thread while the
-    iterations run on NumPy wins per iteration but loses on whole float32 solves, whose kernel
-    rebuilds and log-domain steps then take one core (2000 x 2000, eps = 0.01: 118 ms against
-    87 ms). A float64 kernel of any size runs on NumPy (measured 600 x 600 to 3000 x 3000 at
-    eps = 0.002 and 0.01, absorptions included: 1.1 to 2.1 times faster)."""
-    B, n, m = geom.shape
-    if geom.device.type == "cpu" and (
-            torch.get_num_threads() == 1 or geom.dtype == torch.float64 or B * n * m <= NUMPY_MAX_ENTRIES):
-        return np
-    return torch
