@@ -217,3 +217,43 @@ def test_checks_of_a_small_problem_are_least_apart_unless_convergence_is_predict
     assert nexts == {8: [3 + 8, 3 + 4], 1: [3 + 2, 3 + 2]}  # least, else the doubled interval; or the prediction
     # what a check costs in iterations of each size
     assert [least_interval(k, k) for k in (8, 64, 128, 129, 500)] == [8, 8, 2, 1, 1]
+
+
+@pytest.mark.parametrize("module", [torch, np])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_kernel_is_the_same_built_on_either_module(gen, monkeypatch, dtype, module):
+    """A rebuild on NumPy or on torch gives exp((f0 + g0 - C) / eps) of a float64 reference, to
+    rounding, where it is at least e tiny, and 0 below tiny."""
+    C = sqdist(*clouds(60, 50, 2, gen)).to(dtype)
+    f, g = torch.rand(60, generator=gen, dtype=torch.float64), torch.rand(50, generator=gen, dtype=torch.float64)
+    monkeypatch.setattr(scaling, "build_module", lambda geom, xp: module)
+    eps = 0.05 if dtype == torch.float32 else 0.005  # some entries underflow, most do not
+    kernel = scaling.StabilisedKernel(otcore.CostMatrix(C), eps=eps)
+    K, f0, g0 = kernel.rebuild(f.to(dtype)[None], g.to(dtype)[None])
+    assert K.dtype == dtype and K.shape == (1, 60, 50)
+    ref = torch.exp((f0.double()[0, :, None] + g0.double()[0, None] - C.double()) / eps)
+    tiny = torch.finfo(dtype).tiny
+    kept = ref >= np.e * tiny * (1 + 1e-3)
+    assert 0.2 < float(kept.double().mean()) < 0.9
+    # rounding: of the exponent's terms, u (|f0| + |g0| + C) / eps in exp's argument, and of exp
+    scale = (f0.double()[0, :, None].abs() + g0.double()[0, None].abs() + C.double()) / eps
+    bound = 4 * torch.finfo(dtype).eps * (1 + scale[kept]) * ref[kept]
+    assert bool(((K[0][kept].double() - ref[kept]).abs() <= bound).all())
+    assert bool((K[0][ref < tiny] == 0).all())
+
+
+def test_the_kernel_is_built_where_it_is_fastest():
+    """On NumPy where torch's operations would run on one thread (small kernels) or wait for
+    OpenBLAS's spinning threads (from 679 x 679), on torch in between; torch where it iterates."""
+    def module(n, m, xp=np):
+        return scaling.build_module(otcore.CostMatrix(torch.zeros(n, m)), xp)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert module(100, 100) is np and module(300, 300) is torch and module(679, 679) is np
+        assert module(300, 300, xp=torch) is torch
+        torch.set_num_threads(1)
+        assert module(300, 300) is np
+    finally:
+        torch.set_num_threads(threads)

@@ -69,28 +69,44 @@ NUMPY_MAX_ENTRIES = 2**18
 
 
 def iteration_module(geom: Geometry) -> Any:
-    """The module a kernel of ``geom`` is built and iterated on (``StabilisedKernel.xp``): NumPy
+    """The module a kernel of ``geom`` is iterated on (``StabilisedKernel.xp``): NumPy
     for CPU tensors (``as_arrays`` makes views, no copies; NumPy's BLAS computes a matrix-vector
     product 1.2 to 8 times faster than torch's on a CPU, and its small element-wise operations
     cost less), torch elsewhere.
 
-    The kernel is built on the module it is iterated on: torch's multi-threaded operations right
-    after NumPy's products wait for OpenBLAS's threads, which spin for a while after each
-    product (a float32 rebuild of 1000 x 1000 entries: 1.3 ms alone, 5 to 29 ms after
-    products; on NumPy, one thread, 2.0 ms either way). A float32 kernel of more than
-    ``NUMPY_MAX_ENTRIES`` entries stays on torch while torch runs several threads: its
-    iterations alone run twice as fast on NumPy, but whole solves, where torch's threads still
-    step in (checks in float64, values), do not gain (700 x 700 at eps = 0.002, tol = 1e-5:
-    29 to 44 ms against 29 to 36 ms on torch; 2000 x 2000 at eps = 0.01: 37 to 52 against 45
-    to 70 ms at tol = 1e-4, 127 to 156 against 103 to 136 ms at tol = 1e-5; kernels built on
-    torch took 59 to 140 ms at 700 x 700). A float64 kernel of any size runs on NumPy
-    (measured 600 x 600 to 3000 x 3000 at eps = 0.002 and 0.01, absorptions included: 1.1 to
-    2.1 times faster)."""
+    A float32 kernel of more than ``NUMPY_MAX_ENTRIES`` entries stays on torch while torch runs
+    several threads: its iterations alone run twice as fast on NumPy, but whole solves, where
+    torch's threads still step in (checks in float64, values), do not gain (700 x 700 at eps =
+    0.002, tol = 1e-5: 29 to 44 ms against 29 to 36 ms on torch; 2000 x 2000 at eps = 0.01: 37
+    to 52 against 45 to 70 ms at tol = 1e-4, 127 to 156 against 103 to 136 ms at tol = 1e-5;
+    kernels built on torch took 59 to 140 ms at 700 x 700). A float64 kernel of any size runs
+    on NumPy (measured 600 x 600 to 3000 x 3000 at eps = 0.002 and 0.01, absorptions included:
+    1.1 to 2.1 times faster)."""
     B, n, m = geom.shape
     if geom.device.type == "cpu" and (
             torch.get_num_threads() == 1 or geom.dtype == torch.float64 or B * n * m <= NUMPY_MAX_ENTRIES):
         return np
     return torch
+
+
+#: A NumPy matrix-vector product of a problem of at least this many entries runs on several
+#: OpenBLAS threads (measured: 678 x 678 on one, 679 x 679 on two), which spin for a while after
+#: it; torch runs element-wise operations on fewer than ``TORCH_GRAIN`` entries on one thread.
+BLAS_THREADED_ENTRIES, TORCH_GRAIN = 460_800, 2**15
+
+
+def build_module(geom: Geometry, xp: Any) -> Any:
+    """The module K~ is built on: the iteration module ``xp``, but torch where NumPy's products
+    run on one thread and torch's element-wise operations on several (``TORCH_GRAIN`` to
+    ``BLAS_THREADED_ENTRIES`` entries). Medians of a rebuild after ten products, float64
+    (float32): 64 x 64, NumPy 1.3 (1.6) times faster than torch (dispatch); 256 x 256 to
+    500 x 500, torch 1.4 (1.0 to 1.2) times faster (two threads against one); 700 x 700 to
+    2000 x 2000, NumPy 1.5 to 2.5 (2.2 to 3.6 to 1000 x 1000) times faster (torch's threads
+    wait for OpenBLAS's, which spin after its products)."""
+    B, n, m = geom.shape
+    if xp is np and torch.get_num_threads() > 1 and TORCH_GRAIN <= B * n * m and n * m < BLAS_THREADED_ENTRIES:
+        return torch
+    return xp
 
 
 def stabilised_kernel(geom: Geometry, eps: float, domain: str) -> StabilisedKernel | None:
@@ -152,7 +168,8 @@ class StabilisedKernel:
 
     def __init__(self, geom: Geometry, eps: float):
         self.geom, self.eps = geom, eps
-        self.xp = iteration_module(geom)  # the module K~ is built and iterated on
+        self.xp = iteration_module(geom)  # the module K~ is iterated on ...
+        self.build_xp = build_module(geom, self.xp)  # ... and built on
         self.threshold = THRESHOLDS[geom.dtype]
         # a sum below tiny / u may rest on subnormal kernel entries (a few significant bits): such a
         # half-step is recomputed in the log domain, as a non-finite one is
@@ -227,7 +244,7 @@ class StabilisedKernel:
                 f = C.amin(-1)
                 g = (C - f.unsqueeze(-1)).amin(-2)
         self.f0, self.g0 = f.clone(), g.clone()
-        f_, g_, C_ = as_arrays(self.xp, self.f0, self.g0, C)
+        f_, g_, C_ = as_arrays(self.build_xp, self.f0, self.g0, C)
         with np.errstate(all="ignore"):  # an entry that overflows is for the sums' checks to find
             exponent = f_[..., :, None] + g_[..., None, :]
             exponent -= C_

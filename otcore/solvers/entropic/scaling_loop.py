@@ -100,7 +100,7 @@ LADDER_PROBE, LADDER, LADDER_TOL = 50, (4.0, 2.0), 1e-3
 
 class _Cross:
     """A balanced problem's iterate in scaling form: sums s (B, n), t (B, m) against K~, held
-    with K~ and the weights as arrays of the module ``xp`` K~ is built and iterated on
+    with K~ and the weights as arrays of the module ``xp`` the iterations run on
     (``StabilisedKernel.xp``)."""
 
     def __init__(self, kernel: StabilisedKernel, a, b, f, g, factor: RelaxationFactor | None):
