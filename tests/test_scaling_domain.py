@@ -242,18 +242,23 @@ def test_the_kernel_is_the_same_built_on_either_module(gen, monkeypatch, dtype, 
     assert bool((K[0][ref < tiny] == 0).all())
 
 
-def test_the_kernel_is_built_where_it_is_fastest():
-    """On NumPy where torch's operations would run on one thread (small kernels) or wait for
-    OpenBLAS's spinning threads (from 679 x 679), on torch in between; torch where it iterates."""
-    def module(n, m, xp=np):
-        return scaling.build_module(otcore.CostMatrix(torch.zeros(n, m)), xp)
+def test_the_kernel_is_built_and_iterated_where_it_is_fastest():
+    """Iterated on NumPy, except float32 problems whose products would run on several OpenBLAS
+    threads (from 679 x 679) while torch runs several; built on NumPy where torch's operations
+    would run on one thread (small kernels) or wait for OpenBLAS's spinning threads, on torch in
+    between, and where it iterates."""
+    def iterated(n, dtype=torch.float32):
+        return scaling.iteration_module(otcore.CostMatrix(torch.zeros(n, n, dtype=dtype)))
+
+    def built(n, xp=np):
+        return scaling.build_module(otcore.CostMatrix(torch.zeros(n, n)), xp)
 
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert module(100, 100) is np and module(300, 300) is torch and module(679, 679) is np
-        assert module(300, 300, xp=torch) is torch
+        assert iterated(678) is np and iterated(679) is torch and iterated(679, torch.float64) is np
+        assert built(100) is np and built(300) is torch and built(679) is np and built(300, xp=torch) is torch
         torch.set_num_threads(1)
-        assert module(300, 300) is np
+        assert iterated(679) is np and built(300) is np
     finally:
         torch.set_num_threads(threads)

@@ -64,35 +64,32 @@ _REBUILDS_PER_ITER = 0.5
 _PATIENCE = 8
 
 
-#: Largest float32 kernel (entries) built and iterated on NumPy while torch uses several threads.
-NUMPY_MAX_ENTRIES = 2**18
-
-
-def iteration_module(geom: Geometry) -> Any:
-    """The module a kernel of ``geom`` is iterated on (``StabilisedKernel.xp``): NumPy
-    for CPU tensors (``as_arrays`` makes views, no copies; NumPy's BLAS computes a matrix-vector
-    product 1.2 to 8 times faster than torch's on a CPU, and its small element-wise operations
-    cost less), torch elsewhere.
-
-    A float32 kernel of more than ``NUMPY_MAX_ENTRIES`` entries stays on torch while torch runs
-    several threads: its iterations alone run twice as fast on NumPy, but whole solves, where
-    torch's threads still step in (checks in float64, values), do not gain (700 x 700 at eps =
-    0.002, tol = 1e-5: 29 to 44 ms against 29 to 36 ms on torch; 2000 x 2000 at eps = 0.01: 37
-    to 52 against 45 to 70 ms at tol = 1e-4, 127 to 156 against 103 to 136 ms at tol = 1e-5;
-    kernels built on torch took 59 to 140 ms at 700 x 700). A float64 kernel of any size runs
-    on NumPy (measured 600 x 600 to 3000 x 3000 at eps = 0.002 and 0.01, absorptions included:
-    1.1 to 2.1 times faster)."""
-    B, n, m = geom.shape
-    if geom.device.type == "cpu" and (
-            torch.get_num_threads() == 1 or geom.dtype == torch.float64 or B * n * m <= NUMPY_MAX_ENTRIES):
-        return np
-    return torch
-
-
 #: A NumPy matrix-vector product of a problem of at least this many entries runs on several
 #: OpenBLAS threads (measured: 678 x 678 on one, 679 x 679 on two), which spin for a while after
 #: it; torch runs element-wise operations on fewer than ``TORCH_GRAIN`` entries on one thread.
 BLAS_THREADED_ENTRIES, TORCH_GRAIN = 460_800, 2**15
+
+
+def iteration_module(geom: Geometry) -> Any:
+    """The module a kernel of ``geom`` is iterated on (``StabilisedKernel.xp``): NumPy for CPU
+    tensors (``as_arrays`` makes views, no copies; NumPy's BLAS computes a matrix-vector product
+    1.2 to 8 times faster than torch's on a CPU, and its small element-wise operations cost
+    less), torch elsewhere.
+
+    A float32 problem of ``BLAS_THREADED_ENTRIES`` or more stays on torch while torch runs
+    several threads: its iterations alone run twice as fast on NumPy, but whole solves, where
+    torch's threads step in beside OpenBLAS's (checks in float64, values), do not gain (700 x 700
+    at eps = 0.002, tol = 1e-5: 29 to 44 ms against 29 to 36 ms on torch; 2000 x 2000 at eps =
+    0.01: 37 to 52 against 45 to 70 ms at tol = 1e-4, 127 to 156 against 103 to 136 ms at tol =
+    1e-5). Below it, NumPy's products run on one thread, beside nothing (600 x 600, eps = 0.002
+    to 0.01, tol = 1e-4 and 1e-5: 1.1 to 1.6 times faster than on torch). A float64 kernel of any
+    size runs on NumPy (measured 600 x 600 to 3000 x 3000 at eps = 0.002 and 0.01, absorptions
+    included: 1.1 to 2.1 times faster)."""
+    _, n, m = geom.shape
+    if geom.device.type == "cpu" and (
+            torch.get_num_threads() == 1 or geom.dtype == torch.float64 or n * m < BLAS_THREADED_ENTRIES):
+        return np
+    return torch
 
 
 def build_module(geom: Geometry, xp: Any) -> Any:
