@@ -75,8 +75,9 @@ def exp_above_tiny_(t, *, zero: bool = False):
     float32 exponential has no slow path: with ``zero``, it is not raised first)."""
     if isinstance(t, np.ndarray):
         floor = t.dtype.type(1.0 + math.log(np.finfo(t.dtype).tiny))
-        raised = t if zero and t.dtype == np.float32 else np.maximum(t, floor, out=t)
-        out = np.exp(raised, out=t)
+        with np.errstate(under="ignore"):
+            raised = t if zero and t.dtype == np.float32 else np.maximum(t, floor, out=t)
+            out = np.exp(raised, out=t)
         if zero:  # a product with the mask: branch-free (a masked assignment is 4x slower)
             out *= out > np.exp(floor)
         return out

@@ -101,8 +101,12 @@ def test_float32_stop_is_judged_in_float64_only_where_it_can_pass(monkeypatch, e
     """A float32 stop whose rounding bound u (|f| + |g|) / eps exceeds tol / 10 is accepted only
     if its float64 error leaves room for twice that bound (``margin``); otherwise the solve goes
     on to tol / 4 and float64 judges again (``margin`` False). Where the room alone exceeds tol,
-    the first judgement, which could not pass, is skipped."""
+    the first judgement, which could not pass, is skipped: the result is the one it would give."""
     solver = importlib.import_module("otcore.solvers.entropic.sinkhorn")
+    C = torch.rand(30, 20, generator=torch.Generator().manual_seed(0)) + 1.0
+    with monkeypatch.context() as never_skipped:
+        never_skipped.setattr(solver, "beyond_margin", lambda *args, **kwargs: False)
+        judged_always = otcore.sinkhorn(C, eps=eps, max_iter=5000)
     real, margins = solver.certified, []
 
     def spy(*args, **kwargs):
@@ -110,8 +114,11 @@ def test_float32_stop_is_judged_in_float64_only_where_it_can_pass(monkeypatch, e
         return real(*args, **kwargs)
 
     monkeypatch.setattr(solver, "certified", spy)
-    C = torch.rand(30, 20, generator=torch.Generator().manual_seed(0)) + 1.0
     res = otcore.sinkhorn(C, eps=eps, max_iter=5000)
+    for got, want in ((res.f, judged_always.f), (res.g, judged_always.g), (res.n_iter, judged_always.n_iter),
+                      (res.converged, judged_always.converged),
+                      (res.info["error_float64"], judged_always.info["error_float64"])):
+        assert torch.equal(got, want)
     rounding = torch.finfo(torch.float32).eps * float(res.f.abs().max() + res.g.abs().max()) / eps
     assert 1e-5 < rounding and (2 * rounding >= 1e-4) == (judgements == [False])  # the premise
     assert margins == judgements

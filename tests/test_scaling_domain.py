@@ -223,23 +223,27 @@ def test_checks_of_a_small_problem_are_least_apart_unless_convergence_is_predict
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_kernel_is_the_same_built_on_either_module(gen, monkeypatch, dtype, module):
     """A rebuild on NumPy or on torch gives exp((f0 + g0 - C) / eps) of a float64 reference, to
-    rounding, where it is at least e tiny, and 0 below tiny."""
-    C = sqdist(*clouds(60, 50, 2, gen)).to(dtype)
-    f, g = torch.rand(60, generator=gen, dtype=torch.float64), torch.rand(50, generator=gen, dtype=torch.float64)
+    rounding, where it is at least e tiny, and 0 below tiny; for a batch whose cost is an
+    expanded view, and without writing the caller's tensors."""
+    C = sqdist(*clouds(60, 50, 2, gen)).to(dtype).expand(2, 60, 50)
+    f = torch.rand(2, 60, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.rand(2, 50, generator=gen, dtype=torch.float64).to(dtype)
+    given = [t.clone() for t in (C, f, g)]
     monkeypatch.setattr(scaling, "build_module", lambda geom, xp: module)
     eps = 0.05 if dtype == torch.float32 else 0.005  # some entries underflow, most do not
     kernel = scaling.StabilisedKernel(otcore.CostMatrix(C), eps=eps)
-    K, f0, g0 = kernel.rebuild(f.to(dtype)[None], g.to(dtype)[None])
-    assert K.dtype == dtype and K.shape == (1, 60, 50)
-    ref = torch.exp((f0.double()[0, :, None] + g0.double()[0, None] - C.double()) / eps)
+    K, f0, g0 = kernel.rebuild(f, g)
+    assert K.dtype == dtype and K.shape == (2, 60, 50)
+    assert all(torch.equal(t, before) for t, before in zip((C, f, g), given, strict=True))
+    ref = torch.exp((f0.double()[..., :, None] + g0.double()[..., None, :] - C.double()) / eps)
     tiny = torch.finfo(dtype).tiny
     kept = ref >= np.e * tiny * (1 + 1e-3)
     assert 0.2 < float(kept.double().mean()) < 0.9
     # rounding: of the exponent's terms, u (|f0| + |g0| + C) / eps in exp's argument, and of exp
-    scale = (f0.double()[0, :, None].abs() + g0.double()[0, None].abs() + C.double()) / eps
+    scale = (f0.double()[..., :, None].abs() + g0.double()[..., None, :].abs() + C.double()) / eps
     bound = 4 * torch.finfo(dtype).eps * (1 + scale[kept]) * ref[kept]
-    assert bool(((K[0][kept].double() - ref[kept]).abs() <= bound).all())
-    assert bool((K[0][ref < tiny] == 0).all())
+    assert bool(((K[kept].double() - ref[kept]).abs() <= bound).all())
+    assert bool((K[ref < tiny] == 0).all())
 
 
 def test_the_kernel_is_built_and_iterated_where_it_is_fastest():

@@ -160,11 +160,12 @@ def beyond_margin(geom: Geometry, f: torch.Tensor, g: torch.Tensor, *, eps: floa
                   converged: torch.Tensor) -> bool:
     """Whether ``certified(..., margin=True)`` must reject every problem in ``converged`` whatever
     its float64 error: some problem converged, and for each one twice the rounding bound
-    (``rounding_error``) is at least ``tol``, so the evaluation in float64 can be skipped. False
-    in float64 and for ``tol=0``. Reads one flag on the host."""
+    (``rounding_error``, the margin ``certified`` adds to a float64 error >= 0) exceeds ``tol``,
+    compared as there, in float64; so the evaluation in float64 can be skipped. False in float64
+    and for ``tol=0``. Reads one flag on the host."""
     if geom.dtype == torch.float64 or tol == 0:
         return False
-    hopeless = 2 * rounding_error(geom, f, g, eps) >= tol
+    hopeless = 2 * rounding_error(geom, f, g, eps).double() > tol
     return bool(torch.stack((converged.any(), (hopeless | ~converged).all())).all())
 
 

@@ -205,13 +205,14 @@ def sinkhorn(
         outcome = solve(max_iter=max_iter, tol=tol, init=_initial_potentials(init, problem, validate=validate),
                         schedule=eps_schedule(geom, eps, eps_scaling))
         f, g = outcome.state
-        skip = (beyond_margin(geom, f.detach(), g.detach(), eps=eps, tol=tol, converged=outcome.converged)
-                and int(outcome.n_iter.max()) < max_iter)
-        if skip:  # judged below, after more iterations
+        remaining = 0
+        if beyond_margin(geom, f.detach(), g.detach(), eps=eps, tol=tol, converged=outcome.converged):
+            remaining = max_iter - int(outcome.n_iter.max())
+        if remaining > 0:  # a judgement that could not pass: judged below, after more iterations
             converged, error64 = torch.zeros_like(outcome.converged), None
         else:
             converged, error64 = judge(f.detach(), g.detach(), converged=outcome.converged, margin=True)
-        remaining = max_iter - int(outcome.n_iter.max()) if skip or error64 is not None else 0
+            remaining = max_iter - int(outcome.n_iter.max()) if error64 is not None else 0
         if remaining > 0 and bool((outcome.converged & ~converged).any()):
             # stopped by a float32 error that float64 does not confirm: iterate on to a tighter tol
             more = solve(max_iter=remaining, tol=tol / 4, init=(f, g))
