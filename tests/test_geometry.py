@@ -104,3 +104,22 @@ def test_stored_costs_match_recomputed_ones_and_follow_in_place_changes(gen, cos
     out_dense = dense.softmin(h_rows, 0.3, w_rows, axis=1).sum() + dense.softmin(h_cols, 0.3, w_cols, axis=0).sum()
     torch.testing.assert_close(torch.autograd.grad(out, xr)[0], torch.autograd.grad(out_dense, xr)[0],
                                rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("numpy_entries", [0, 2**20])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+def test_cost_matrix_range_is_exact_on_either_module(monkeypatch, numpy_entries, dtype):
+    """``cost_range`` of a dense cost (batched, transposed strides) is the smallest max C - min C
+    of its problems, reduced by NumPy (small CPU costs) or torch alike; a NaN is refused."""
+    from otcore.geometry import cost_matrix
+
+    monkeypatch.setattr(cost_matrix, "NUMPY_RANGE_ENTRIES", numpy_entries)
+    gen = torch.Generator().manual_seed(0)
+    C = (torch.randn(3, 20, 30, generator=gen, dtype=F64) * torch.tensor([1.0, 3.0, 0.5], dtype=F64)[:, None, None])
+    C = C.to(dtype).mT
+    want = min(float(c.double().max() - c.double().min()) for c in C)
+    assert CostMatrix(C).cost_range() == want
+    C = C.clone()
+    C[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        CostMatrix(C)
