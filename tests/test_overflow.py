@@ -95,7 +95,6 @@ def test_float32_converged_flag_holds_in_float64(offset, eps):
     assert float64_marginal_error(C, res.f, res.g, eps) <= 1e-4
 
 
-
 @pytest.mark.parametrize("eps,judgements", [(0.01, [True, False]), (0.002, [False])])
 def test_float32_stop_is_judged_in_float64_only_where_it_can_pass(monkeypatch, eps, judgements):
     """A float32 stop whose rounding bound u (|f| + |g|) / eps exceeds tol / 10 is accepted only
