@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from otcore._arrays import numpy_view
 from otcore._precision import upcast
 
 
@@ -132,13 +133,7 @@ def check_weight_values(
     present = [entry for entry in weights if entry[1].numel()]
     if not present:
         return
-    with torch.no_grad():
-        minima = torch.stack([w.amin() for _, w, _ in present])
-        stats = torch.cat([minima, *(mass.reshape(-1) for _, _, mass in present)]).tolist()
-    smallest, masses, at = stats[:len(present)], [], len(present)
-    for _, _, row_masses in present:
-        masses.append(stats[at:at + row_masses.numel()])
-        at += row_masses.numel()
+    smallest, masses = _minima_and_masses(present)
     for (name, w, _), low, mass in zip(present, smallest, masses, strict=True):
         if not all(map(math.isfinite, mass)) and not bool(torch.isfinite(w).all()):
             raise ValueError(f"{name} holds {int((~torch.isfinite(w)).sum())} non-finite value(s) (NaN or inf) "
@@ -149,6 +144,23 @@ def check_weight_values(
             raise ValueError(f"{name} has zero total mass; at least one weight must be > 0")
     if equal_mass_rtol is not None:
         check_equal_mass(masses[0], masses[1], equal_mass_rtol)
+
+
+def _minima_and_masses(weights: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[list[float], list[list[float]]]:
+    """Each weight's smallest entry, and its row masses, as floats: by NumPy where ``numpy_view``
+    allows, else in one host transfer."""
+    views = [(numpy_view(w), numpy_view(mass)) for _, w, mass in weights]
+    host = [(w, mass) for w, mass in views if w is not None and mass is not None]
+    if len(host) == len(weights):
+        return [float(w.min()) for w, _ in host], [mass.reshape(-1).tolist() for _, mass in host]
+    with torch.no_grad():
+        minima = torch.stack([w.amin() for _, w, _ in weights])
+        stats = torch.cat([minima, *(mass.reshape(-1) for _, _, mass in weights)]).tolist()
+    smallest, masses, at = stats[:len(weights)], [], len(weights)
+    for _, _, row_masses in weights:
+        masses.append(stats[at:at + row_masses.numel()])
+        at += row_masses.numel()
+    return smallest, masses
 
 
 def check_equal_mass(masses_a: Sequence[float], masses_b: Sequence[float], rtol: float) -> None:

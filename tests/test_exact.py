@@ -51,3 +51,28 @@ def test_emd_float32_in_float32_out(gen):
     res = otcore.emd(C)
     assert res.plan.dtype == torch.float32 and res.value.dtype == torch.float32
     assert abs(float(res.value) - ot.emd2(np.full(6, 1 / 6), np.full(6, 1 / 6), C.double().numpy())) < 1e-6
+
+
+def test_emd_potentials_are_pots_and_feasible_at_zero_weights(gen):
+    """The potentials are ot.emd's where every weight is positive; points of zero weight (which
+    the simplex leaves out) get the largest feasible potential, the c-transform of the other
+    side's, and the value stays ot.emd2's."""
+    x, y = clouds(12, 9, 2, gen)
+    C = sqdist(x, y)
+    a, b = simplex(12, gen), simplex(9, gen)
+    res = otcore.emd(C, a, b)
+    _, log = ot.emd(a.numpy(), b.numpy(), C.numpy(), log=True)
+    torch.testing.assert_close(res.f, torch.from_numpy(log["u"]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.g, torch.from_numpy(log["v"]), rtol=0, atol=1e-12)
+
+    a, b = simplex(12, gen, zeros=4), simplex(9, gen, zeros=3)
+    res = otcore.emd(C, a, b)
+    assert abs(float(res.value) - ot.emd2(a.numpy(), b.numpy(), C.numpy())) <= 1e-12
+    slack = C - res.f[:, None] - res.g[None]
+    assert float(slack.min()) >= -1e-12
+    assert float(slack[res.plan > 0].abs().max()) <= 1e-12  # complementary slackness
+    assert abs(float((res.f * a).sum() - (res.g * b).sum())) <= 1e-12  # centred as ot.emd's
+    for zero, axis in ((a == 0, 1), (b == 0, 0)):
+        assert int(zero.sum()) > 0
+        tightest = slack.amin(axis)[zero]  # each zero-weight point's potential touches a constraint
+        torch.testing.assert_close(tightest, torch.zeros_like(tightest), rtol=0, atol=1e-12)

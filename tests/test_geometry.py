@@ -111,9 +111,9 @@ def test_stored_costs_match_recomputed_ones_and_follow_in_place_changes(gen, cos
 def test_cost_matrix_range_is_exact_on_either_module(monkeypatch, numpy_entries, dtype):
     """``cost_range`` of a dense cost (batched, transposed strides) is the smallest max C - min C
     of its problems, reduced by NumPy (small CPU costs) or torch alike; a NaN is refused."""
-    from otcore.geometry import cost_matrix
+    from otcore import _arrays
 
-    monkeypatch.setattr(cost_matrix, "NUMPY_RANGE_ENTRIES", numpy_entries)
+    monkeypatch.setattr(_arrays, "NUMPY_REDUCTION_ENTRIES", numpy_entries)
     gen = torch.Generator().manual_seed(0)
     C = (torch.randn(3, 20, 30, generator=gen, dtype=F64) * torch.tensor([1.0, 3.0, 0.5], dtype=F64)[:, None, None])
     C = C.to(dtype).mT

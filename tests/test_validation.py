@@ -23,7 +23,11 @@ U4, U3 = torch.full((4,), 0.25, dtype=F64), torch.full((3,), 1 / 3, dtype=F64)
     (U4, 2 * U3, "mass"),
     (torch.zeros(4, dtype=F64), U3, "a"),
 ])
-def test_bad_weights(solver, a, b, match):
+@pytest.mark.parametrize("numpy_entries", [0, 2**20])  # the checks' reductions on torch / on NumPy
+def test_bad_weights(monkeypatch, solver, a, b, match, numpy_entries):
+    from otcore import _arrays
+
+    monkeypatch.setattr(_arrays, "NUMPY_REDUCTION_ENTRIES", numpy_entries)
     with pytest.raises(ValueError, match=match):
         solver(C, a, b)
 

@@ -29,17 +29,17 @@ class Problem:
     batched: bool
     out_dtype: torch.dtype
 
-    def output_overflow(self, *outputs: torch.Tensor) -> torch.Tensor:
-        """(B,) True where a batched output (B, ...) overflows the output dtype (half inputs are
-        computed in float32 and cast back); all False when the dtypes agree."""
-        B = self.a.shape[0]
-        over = torch.zeros(B, dtype=torch.bool, device=self.a.device)
+    def without_overflow(
+        self, converged: torch.Tensor, *outputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``converged`` (B,) cleared where a batched output (B, ...) overflows the output dtype
+        (half inputs are computed in float32 and cast back), and the (B,) mask of those; None, and
+        ``converged`` as given, when the dtypes agree (nothing can overflow)."""
         if self.out_dtype == self.geom.dtype:
-            return over
-        limit = torch.finfo(self.out_dtype).max
-        for t in outputs:
-            over = over | (t.detach().abs() > limit).reshape(B, -1).any(-1)
-        return over
+            return converged, None
+        B, limit = converged.shape[0], torch.finfo(self.out_dtype).max
+        over = torch.stack([(t.detach().abs() > limit).reshape(B, -1).any(-1) for t in outputs]).any(0)
+        return converged & ~over, over
 
     def result(
         self, *, f: torch.Tensor, g: torch.Tensor, value: torch.Tensor, n_iter: torch.Tensor,

@@ -6,14 +6,12 @@ import math
 
 import torch
 
+from otcore._arrays import numpy_view
 from otcore._validation import check_finite, check_tensor
 from otcore.geometry.backends import resolve_backend
 from otcore.geometry.base import Geometry
 from otcore.kernels.codes import COST_DENSE
 from otcore.kernels.softmin import blocked
-
-#: Largest CPU cost (entries) whose range NumPy computes (``CostMatrix._ranges``).
-NUMPY_RANGE_ENTRIES = 2**20
 
 
 class CostMatrix(Geometry):
@@ -90,13 +88,11 @@ class CostMatrix(Geometry):
 
     def _ranges(self) -> list[float]:
         """max C - min C of each problem, on the host: two reductions over C as stored (any
-        strides), read back together; the difference in float64 (no overflow, no rounding). A
-        CPU cost of at most ``NUMPY_RANGE_ENTRIES`` entries is reduced by NumPy, on one thread:
-        torch's reductions wake its thread pool, which a solve's caller may have left asleep
-        (200 x 200 after a 6 ms network simplex: 170-260 us against 22-27 us)."""
+        strides), read back together (by NumPy where ``numpy_view`` allows); the difference in
+        float64 (no overflow, no rounding)."""
         C = self.C.detach()
-        if C.device.type == "cpu" and C.dtype != torch.bfloat16 and C.numel() <= NUMPY_RANGE_ENTRIES:
-            array = C.numpy()
+        array = numpy_view(C)
+        if array is not None:
             highs, lows = (array.max(axis=(-2, -1)).reshape(-1).tolist(),
                            array.min(axis=(-2, -1)).reshape(-1).tolist())
         else:

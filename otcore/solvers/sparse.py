@@ -191,8 +191,7 @@ def sparse_ot(
         error = _marginal_error(plan, a, b)
         finite = torch.isfinite(error) & torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1)
         met = error <= tol if (method == "lbfgs" or tol > 0) else torch.ones_like(finite)
-        overflow = problem.output_overflow(f, g, value)
-        converged = (met | stopped) & finite & ~overflow
+        converged, overflow = problem.without_overflow((met | stopped) & finite, f, g, value)
     if warn:
         warn_not_converged("sparse_ot", converged=converged, max_iter=max_iter, causes={
             "have non-finite potentials": ~finite,

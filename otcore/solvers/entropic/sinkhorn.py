@@ -223,9 +223,8 @@ def sinkhorn(
     if grad != "unroll":  # value: envelope theorem; f, g: constants (envelope) or implicit
         f, g = f.detach(), g.detach()
     value = dual_value(geom, problem.a, problem.b, g, eps=eps, rho_a=rho_a, rho_b=rho_b)
-    overflow = problem.output_overflow(f, g, value)
     imprecise = None if error64 is None else outcome.converged & ~converged
-    converged = converged & ~overflow
+    converged, overflow = problem.without_overflow(converged, f, g, value)
     if warn and (tol > 0 or validate):
         warn_not_converged("sinkhorn", converged=converged, max_iter=max_iter, causes={
             "stopped on a non-finite iterate": outcome.failed,

@@ -229,9 +229,8 @@ def sns(
     converged, error64 = certified(geom, a, b, f, g, eps=eps, rho_a=math.inf, rho_b=math.inf, tol=tol,
                                    converged=converged)
     value = dual_value(geom, a, b, g, eps=eps)
-    overflow = problem.output_overflow(f, g, value)
     imprecise = None if error64 is None else (error <= tol) & ~converged
-    converged = converged & ~overflow
+    converged, overflow = problem.without_overflow(converged, f, g, value)
     if warn:
         warn_not_converged("sns", converged=converged, max_iter=max_iter, causes={
             "stopped on a non-finite iterate": ~finite,
