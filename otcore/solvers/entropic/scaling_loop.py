@@ -306,18 +306,25 @@ def _iterate(problem, start: tuple[torch.Tensor, ...], *, max_iter: int, tol: fl
     ref = start[0]
     B, device = ref.shape[0], ref.device
     out = tuple(t.clone() for t in start)
-    active = torch.ones(B, dtype=torch.bool, device=device)
-    converged, failed = torch.zeros_like(active), torch.zeros_like(active)
-    n_iter = torch.zeros(B, dtype=torch.int64, device=device)
-    error = torch.full((B,), math.inf, dtype=ref.dtype, device=device)
+    # per-problem flags, counts and errors (B,) on the host, in NumPy: a check reads the errors
+    # there anyway, and a few NumPy operations on B numbers cost less than tensor operations
+    active, converged = np.ones(B, dtype=bool), np.zeros(B, dtype=bool)
+    n_iter, error = np.zeros(B, dtype=np.int64), np.full(B, math.inf)
     schedule = _Schedule(B, first_check, marks=(WINDOW // 2, WINDOW) if factor else (),
                          least=least_interval(*problem.K.shape[-2:]))
     at, built, careful, safe = 0, 0, False, first_check  # checked iteration, K~'s, rolling back, iterations safe ahead
 
-    def outcome() -> LoopOutcome:
-        keep = active.unsqueeze(-1)
+    def tensor(array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.from_numpy(array).to(device=device, dtype=dtype)
+
+    def outcome(state: tuple[torch.Tensor, ...], n_iter: np.ndarray, converged: np.ndarray) -> LoopOutcome:
+        return LoopOutcome(state, tensor(n_iter), tensor(converged), torch.zeros(B, dtype=torch.bool, device=device),
+                           tensor(error, ref.dtype))
+
+    def handed_back() -> LoopOutcome:  # the running problems' last checked iterate, the others' results
+        keep = tensor(active).unsqueeze(-1)
         state = tuple(torch.where(keep, t, o) for t, o in zip(problem.potentials(), out, strict=True))
-        return LoopOutcome(state, torch.where(active, at, n_iter), converged, failed, error)
+        return outcome(state, np.where(active, at, n_iter), converged)
 
     while at < max_iter:
         stop = min(max_iter, at + safe, schedule.next_due(at, active))
@@ -327,25 +334,25 @@ def _iterate(problem, start: tuple[torch.Tensor, ...], *, max_iter: int, tol: fl
             if careful and at == 0 and problem.restart_cold():  # a warm start too far off: from scratch
                 continue
             if careful:  # one iteration from a checked iterate fails too: the log domain's turn
-                return outcome(), False
+                return handed_back(), False
             careful, safe = True, 1  # repeat the stretch one iteration per check
             continue
         careful = False
         due = schedule.due(stop, active, max_iter)
-        if bool(due.any()):
-            error = torch.where(due, new_error, error)
+        if due.any():
+            error = np.where(due, _host(new_error), error)
             if factor is not None:
                 # no float32 guard: these iterations round the sums (relative size 1), not potentials of
                 # size |f| / eps, so relaxing does not amplify a rounding floor of u |f| / eps
-                factor.observe(stop, error, problem.measured_potentials, guarded=False)
-            done = due & (error <= tol) if tol > 0 else torch.zeros_like(due)
-            if bool(done.any()):
-                keep = done.unsqueeze(-1)
+                factor.observe(stop, tensor(error, ref.dtype), problem.measured_potentials, guarded=False)
+            done = due & (error <= tol) if tol > 0 else np.zeros(B, dtype=bool)
+            if done.any():
+                keep = tensor(done).unsqueeze(-1)
                 out = tuple(torch.where(keep, t, o) for t, o in zip(problem.measured_potentials(), out, strict=True))
-                n_iter = torch.where(done, stop - 1, n_iter)
+                n_iter = np.where(done, stop - 1, n_iter)
                 converged, active = converged | done, active & ~done
-                if not bool(active.any()):
-                    return LoopOutcome(out, n_iter, converged, failed, error), True
+                if not active.any():
+                    return outcome(out, n_iter, converged), True
             schedule.measured(stop, due & ~done, error, tol)
         problem.commit()
         at = stop
@@ -355,11 +362,11 @@ def _iterate(problem, start: tuple[torch.Tensor, ...], *, max_iter: int, tol: fl
             problem.absorb(*problem.potentials())
             built, room = at, kernel.threshold
             if kernel.absorbing_too_often():  # eps small against the costs: the log domain's turn
-                return outcome(), False
+                return handed_back(), False
         safe = max(1, int(room / drift)) if drift > 0 else MAX_INTERVAL
     if tol == 0:
-        converged = ~failed
-    return outcome(), True
+        converged = np.ones(B, dtype=bool)
+    return handed_back(), True
 
 
 class _Schedule:
@@ -377,25 +384,24 @@ class _Schedule:
         self.first = first  # the first iteration whose error means something
         self.least = least  # the shortest interval, unless convergence is predicted sooner
 
-    def next_due(self, it: int, active: torch.Tensor) -> int:
-        """The next iteration after ``it`` at which some active problem is measured."""
-        running = _host(active)
-        soonest = int(self.next[running].min()) if running.any() else it + 1
+    def next_due(self, it: int, active: np.ndarray) -> int:
+        """The next iteration after ``it`` at which some ``active`` ((B,) bool) problem is measured."""
+        soonest = int(self.next[active].min()) if active.any() else it + 1
         return min([soonest, *(mark for mark in self.marks if mark > it)])
 
-    def due(self, it: int, active: torch.Tensor, max_iter: int) -> torch.Tensor:
+    def due(self, it: int, active: np.ndarray, max_iter: int) -> np.ndarray:
         """(B,) the active problems measured at iteration ``it`` (all at a mark and at the last)."""
         if (it in self.marks or it == max_iter) and it >= self.first:
             return active
-        return active & torch.from_numpy(self.next == it).to(active.device)
+        return active & (self.next == it)
 
-    def measured(self, it: int, measured: torch.Tensor, error: torch.Tensor, tol: float) -> None:
+    def measured(self, it: int, chosen: np.ndarray, err: np.ndarray, tol: float) -> None:
         """Plan the next checks of the problems just ``measured`` (and still running): the next
         iteration after a problem's first error (its contraction), then double the interval (up
         to ``MAX_INTERVAL``, and up to max(``YOUNG_INTERVAL``, it / 4); at least ``least``), but
         no further than the predicted convergence, from the contraction (error / last
-        error)^(1 / iterations between them)."""
-        chosen, err = _host(measured), _host(error).astype(np.float64)
+        error)^(1 / iterations between them). ``chosen``: (B,) bool, the problems measured;
+        ``err``: (B,) float64, their errors."""
         interval = np.maximum(np.minimum(2 * self.interval, min(MAX_INTERVAL, max(YOUNG_INTERVAL, it // 4))), self.least)
         if tol > 0:
             with np.errstate(all="ignore"):
