@@ -17,6 +17,8 @@ import torch
 
 #: Largest CPU tensor (entries) that host-read reductions (validation) run on NumPy (``numpy_view``).
 NUMPY_REDUCTION_ENTRIES = 2**20
+#: Torch runs an element-wise operation on fewer entries than this on one thread (its grain size).
+TORCH_GRAIN = 2**15
 
 
 def numpy_view(t: torch.Tensor) -> np.ndarray | None:

@@ -70,7 +70,12 @@ def test_point_cloud_softmin_and_gradients(backend, n, m, d, cost, gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("eps", [1.0, 1e-3])
-def test_dense_softmin_and_gradients(backend, eps, gen):
+@pytest.mark.parametrize("small_on_numpy", [True, False])  # a small CPU cost's no-grad log-sum-exp (or torch's)
+def test_dense_softmin_and_gradients(backend, eps, small_on_numpy, gen, monkeypatch):
+    from otcore.geometry import cost_matrix
+
+    if not small_on_numpy:
+        monkeypatch.setattr(cost_matrix, "TORCH_GRAIN", 0)
     # C^T of a contiguous tensor: the Triton kernel reads C through its strides
     C = (3 * torch.rand(2, 129, 7, generator=gen, dtype=F64)).to(DEV).mT
     for axis, k in ((1, 129), (0, 7)):
@@ -87,6 +92,25 @@ def test_dense_softmin_and_gradients(backend, eps, gen):
 
         want = _value_and_grads(oracle, (C, h, w), upstream)
         _assert_close(_value_and_grads(tested, (C, h, w), upstream), want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_small_dense_softmin_on_numpy_matches_torch_in_low_precision(dtype, gen, monkeypatch):
+    """A small CPU cost's softmin (NumPy) and torch's, in the cost's own dtype, both within that
+    dtype's rounding of the float64 oracle, on either axis (a zero weight included)."""
+    from otcore.geometry import cost_matrix
+
+    C = (3 * torch.rand(2, 30, 20, generator=gen, dtype=F64))
+    for axis, k in ((1, 20), (0, 30)):
+        h, w = _rand((2, k), gen).cpu(), _weights(2, k, gen).cpu()
+        want = naive.softmin(C if axis == 1 else C.mT, h, w, 0.05)
+        got = []
+        for grain in (cost_matrix.TORCH_GRAIN, 0):
+            monkeypatch.setattr(cost_matrix, "TORCH_GRAIN", grain)
+            got.append(CostMatrix(C.to(dtype), backend="torch").softmin(h.to(dtype), 0.05, w.to(dtype), axis=axis))
+        for out in got:
+            assert out.dtype == dtype
+            torch.testing.assert_close(out.double(), want, rtol=0, atol=20 * torch.finfo(dtype).eps * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

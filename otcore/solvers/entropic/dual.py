@@ -56,12 +56,14 @@ def dual_value(
     swamp the value. It does not change under the translation.
     """
     s = geom.softmin(g, eps, b, axis=1)
+    total_a, total_b = geom.total(a, 0), geom.total(b, 1)
+    if math.isinf(rho_a) and math.isinf(rho_b):  # balanced: f~ = s, lambda = 0, and the expm1 sum is 0
+        return geom.total(a * s, 0) + geom.total(b * g, 1) - eps * (total_a * (1 - total_b))
     f = tau_of(rho_a, eps) * s
     if not math.isinf(rho_a):
         with torch.no_grad():
             tame = geom.amax(((f - s) / eps).masked_fill(a == 0, -math.inf), 0) <= EXP_CEIL
         f = torch.where(tame.unsqueeze(-1), f, s)
-    total_a, total_b = geom.total(a, 0), geom.total(b, 1)
     excess = geom.total(a * torch.expm1(_on_support(a, (f - s) / eps, rho_a)), 0) + total_a * (1 - total_b)
     shift = translation(geom, a, b, f, g, rho_a, rho_b).unsqueeze(-1)
     return (geom.total(a * psi(_on_support(a, f + shift, rho_a), rho_a), 0)

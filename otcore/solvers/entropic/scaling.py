@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from otcore._arrays import as_arrays, as_tensors
+from otcore._arrays import TORCH_GRAIN, as_arrays, as_tensors
 from otcore._precision import exp_above_tiny_
 from otcore.geometry import Geometry
 
@@ -66,9 +66,8 @@ _PATIENCE = 8
 
 #: A NumPy matrix-vector product of a problem of at least this many entries runs on several
 #: OpenBLAS threads (measured with NumPy's OpenBLAS 0.3.31: 678 x 678 on one, 679 x 679 on two),
-#: which spin for a while after it; torch runs element-wise operations on fewer than
-#: ``TORCH_GRAIN`` entries on one thread.
-BLAS_THREADED_ENTRIES, TORCH_GRAIN = 460_800, 2**15
+#: which spin for a while after it.
+BLAS_THREADED_ENTRIES = 460_800
 
 
 def iteration_module(geom: Geometry) -> Any:
